@@ -1,0 +1,234 @@
+"""Your own data: an ``.npz`` of arrays, or a folder of class sub-folders of images."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from xdl.data import random_splits
+from xdl.data.types import ColumnEncoding, DataSplits, Encoding
+from xdl.errors import XdlError
+
+__all__ = ["IMAGE_SUFFIXES", "limit_index", "load_folder", "load_npz"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+def limit_index(n: int, spec: dict) -> np.ndarray | None:
+    """Row indices kept under ``spec["limit"]``: a seeded sample (sorted), or None for all rows."""
+    limit = spec.get("limit")
+    if not limit or int(limit) >= n:
+        return None
+    if int(limit) < 1:
+        raise XdlError(f"--limit must be a positive number of rows, not {limit}")
+    rng = np.random.default_rng(spec.get("seed", 0))
+    return np.sort(rng.permutation(n)[: int(limit)])
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def _image_array(x: np.ndarray, what: str, path: Path, notes: list[str]) -> np.ndarray:
+    """N×H×W, N×H×W×C or N×C×H×W → float32 N×C×H×W in [0, 1]."""
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    elif x.ndim == 4:
+        first, last = x.shape[1] in (1, 3, 4), x.shape[3] in (1, 3, 4)
+        if last and not first:
+            x = np.transpose(x, (0, 3, 1, 2))
+            if what == "x":
+                notes.append("converted channels-last images (N×H×W×C) to N×C×H×W")
+        elif not first:
+            raise XdlError(
+                f"{path}: {what!r} has shape {x.shape}; images need 1, 3 or 4 channels "
+                "as N×C×H×W or N×H×W×C"
+            )
+    else:
+        raise XdlError(f"{path}: {what!r} has shape {x.shape}; expected N×F, N×H×W, N×H×W×C or N×C×H×W")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
+    if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number):
+        out = np.ascontiguousarray(x, dtype=np.float32)
+        if out.size and not (np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0):
+            lo, hi = np.nanmin(out), np.nanmax(out)
+            raise XdlError(
+                f"{path}: {what!r} holds {x.dtype} pixels in [{lo:g}, {hi:g}]; "
+                "image data must be uint8 (0..255) or floats within [0, 1]"
+            )
+        return out
+    raise XdlError(f"{path}: {what!r} has dtype {x.dtype}; expected numbers")
+
+
+def _tabular_array(x: np.ndarray, what: str, path: Path) -> np.ndarray:
+    if not (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number)):
+        raise XdlError(f"{path}: {what!r} has dtype {x.dtype}; expected numbers")
+    out = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise XdlError(f"{path}: {what!r} has {int((~np.isfinite(out)).sum())} missing or infinite values; impute them first")
+    return out
+
+
+def _label_array(y: np.ndarray, what: str, path: Path, n: int) -> np.ndarray:
+    if y.ndim != 1:
+        raise XdlError(f"{path}: {what!r} has shape {y.shape}; expected one integer label per row")
+    if len(y) != n:
+        raise XdlError(f"{path}: {what!r} has {len(y)} labels but the inputs have {n} rows")
+    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise XdlError(f"{path}: {what!r} has dtype {y.dtype}; labels must be integers 0, 1, 2, …")
+    if len(y) and y.min() < 0:
+        raise XdlError(f"{path}: {what!r} has negative labels; labels must be integers 0, 1, 2, …")
+    return y.astype(np.int64)
+
+
+def load_npz(spec: dict) -> DataSplits:
+    """An ``.npz`` with ``x`` and ``y`` (optional ``x_test``/``y_test``, ``class_names``)."""
+    path = Path(spec["path"])
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise XdlError(f"cannot read {path} as an .npz file: {message}") from None
+    if not isinstance(arrays, dict):  # pragma: no cover - np.load of a .npy
+        raise XdlError(f"{path} is a single array, not an .npz archive with 'x' and 'y'")
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise XdlError(f"{path} has no array {key!r}; arrays are: {', '.join(sorted(arrays)) or 'none'}")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise XdlError(f"{path} must hold both 'x_test' and 'y_test', or neither")
+
+    notes: list[str] = []
+    x_raw = arrays["x"]
+    if x_raw.ndim < 2 or len(x_raw) == 0:
+        raise XdlError(f"{path}: 'x' has shape {x_raw.shape}; expected at least one row")
+    kind = "tabular" if x_raw.ndim == 2 else "image"
+    convert = (lambda a, w: _tabular_array(a, w, path)) if kind == "tabular" else (
+        lambda a, w: _image_array(a, w, path, notes)
+    )
+    x = convert(x_raw, "x")
+    y = _label_array(arrays["y"], "y", path, len(x))
+    test = None
+    if "x_test" in arrays:
+        if arrays["x_test"].ndim != x_raw.ndim:
+            raise XdlError(f"{path}: 'x_test' has shape {arrays['x_test'].shape} but 'x' has shape {x_raw.shape}")
+        xt = convert(arrays["x_test"], "x_test")
+        if xt.shape[1:] != x.shape[1:]:
+            raise XdlError(f"{path}: 'x_test' rows have shape {xt.shape[1:]} but 'x' rows have shape {x.shape[1:]}")
+        yt = _label_array(arrays["y_test"], "y_test", path, len(xt))
+        test = (xt, yt)
+
+    num_classes = int(max(y.max(), test[1].max() if test is not None and len(test[1]) else 0)) + 1
+    if "class_names" in arrays:
+        names = arrays["class_names"]
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise XdlError(f"{path}: 'class_names' must be a 1-D array of strings")
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        if len(class_names) < num_classes:
+            raise XdlError(f"{path}: labels go up to {num_classes - 1} but 'class_names' names only {len(class_names)} classes")
+    else:
+        class_names = [str(i) for i in range(num_classes)]
+    if len(np.unique(y)) < 2:
+        raise XdlError(f"{path}: 'y' has only one class; need at least two")
+
+    index = limit_index(len(y), spec)
+    if index is not None:
+        x, y = x[index], y[index]
+    train, val, test_split = random_splits(x, y, spec, test=test)
+    if kind == "tabular":
+        features = [f"f{i}" for i in range(x.shape[1])]
+        encoding = Encoding([ColumnEncoding(name, "numeric") for name in features])
+        return DataSplits(train, val, test_split, "tabular", class_names, spec, features, encoding, notes)
+    return DataSplits(train, val, test_split, "image", class_names, spec, notes=notes)
+
+
+# ------------------------------------------------------------------------ folder
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """Image files under ``class_dir`` (recursively), each real folder visited once: no symlink loops."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
+        found += [
+            Path(root) / f
+            for f in sorted(files)
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return found
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """uint8 H×W (grayscale) or H×W×3 (colour)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                array = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if array.max() > 255 else 255.0
+                return np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8)
+            return np.asarray(image.convert("L" if gray else "RGB"), dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, …)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise XdlError(f"cannot read image {path}: {message}") from None
+
+
+def load_folder(spec: dict) -> DataSplits:
+    """A folder of class sub-folders of images (png, jpg, jpeg, bmp, gif), class names sorted."""
+    root = Path(spec["path"])
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    notes: list[str] = []
+    files: list[tuple[Path, int]] = []
+    class_names: list[str] = []
+    for class_dir in class_dirs:
+        images = _image_files(class_dir)
+        if not images:
+            notes.append(f"skipped folder {class_dir.name!r}: it holds no images")
+            continue
+        files += [(f, len(class_names)) for f in images]
+        class_names.append(class_dir.name)
+    if not files:
+        raise XdlError(
+            f"no images found in {root}: expected one sub-folder per class holding "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} files"
+        )
+    if len(class_names) < 2:
+        raise XdlError(f"{root} has images for only one class ({class_names[0]!r}); need at least two class sub-folders")
+
+    index = limit_index(len(files), spec)
+    if index is not None:
+        files = [files[i] for i in index]
+    arrays: list[np.ndarray] = []
+    for path, _ in files:
+        array = _read_image(path)
+        if arrays and array.shape[:2] != arrays[0].shape[:2]:
+            (h0, w0), (h, w) = arrays[0].shape[:2], array.shape[:2]
+            raise XdlError(
+                f"{path} is {h}×{w} pixels but {files[0][0]} is {h0}×{w0}; "
+                "all images must have the same size (resize them first)"
+            )
+        arrays.append(array)
+    if all(a.ndim == 2 for a in arrays):
+        x = np.stack(arrays)[:, None, :, :]
+    else:
+        x = np.stack([np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a for a in arrays])
+        x = np.transpose(x, (0, 3, 1, 2))
+        if any(a.ndim == 2 for a in arrays):
+            notes.append("converted grayscale images to RGB to match the colour ones")
+    x = np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
+    y = np.array([label for _, label in files], dtype=np.int64)
+    train, val, test = random_splits(x, y, spec)
+    return DataSplits(train, val, test, "image", class_names, spec, notes=notes)
