@@ -1,0 +1,49 @@
+"""xdl: explain, attack and audit PyTorch classifiers from one CLI and one Python API.
+
+    import xdl
+    run = xdl.train(data="digits", model="cnn", epochs=3)
+    xdl.explain(run, "ig", samples=8)
+    xdl.attack(run, "fgsm", params={"eps": 0.1})
+    xdl.report(run, "bias")
+
+Names load lazily: ``import xdl`` imports neither torch's friends (shap, lime,
+matplotlib) nor any analyzer until they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train": "xdl.api",
+    "load": "xdl.api",
+    "analyze": "xdl.api",
+    "explain": "xdl.api",
+    "attack": "xdl.api",
+    "report": "xdl.api",
+    "Run": "xdl.run",
+    "TrainConfig": "xdl.training",
+    "DataSplits": "xdl.data.types",
+    "Split": "xdl.data.types",
+    "load_data": "xdl.data",
+    "build_model": "xdl.models",
+    "Analyzer": "xdl.analyzers.base",
+    "Context": "xdl.analyzers.base",
+    "Result": "xdl.analyzers.base",
+    "XdlError": "xdl.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xdl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,3 @@
+from xdl.cli.main import main
+
+main()

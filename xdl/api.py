@@ -1,0 +1,188 @@
+"""The Python API: each CLI action is one call here, and the CLI calls exactly these."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from torch import nn
+
+from xdl.data import load_data
+from xdl.data.types import DataSplits
+from xdl.errors import XdlError
+from xdl.models import build_model, model_config, set_normalization
+from xdl.run import Run, clear_run, new_run_path, save_run
+from xdl.training import TrainConfig, config_dict, evaluate, fit
+from xdl.device import resolve_device, seed_everything
+
+
+def train(
+    data: str | dict | DataSplits = "digits",
+    model: str | dict = "auto",
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+    data_options: dict | None = None,
+    model_options: dict | None = None,
+    **train_options,
+) -> Run:
+    """Train a model and save it as a run directory.
+
+    >>> run = xdl.train(data="digits", model="cnn", epochs=3)      # doctest: +SKIP
+    >>> run.metrics["test_accuracy"]                                # doctest: +SKIP
+
+    ``train_options`` are the fields of :class:`xdl.training.TrainConfig` (epochs, lr, …);
+    ``data_options`` go to the data spec (data_dir, target, sensitive, seed …);
+    ``model_options`` override the model config (hidden, channels, dropout …).
+    """
+    log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+    cfg = TrainConfig(**train_options)
+    resolve_device(cfg.device)  # fail on a missing GPU before loading any data
+    out = Path(out) if out else new_run_path()
+    if (out / "run.json").exists() and not force:
+        raise XdlError(f"{out} already holds a run; choose another --out or pass --force to replace it")
+    splits = data if isinstance(data, DataSplits) else load_data(data, **(data_options or {}))
+    for note in splits.notes:
+        log(f"data: {note}")
+    mcfg = model_config(model, splits.kind, **(model_options or {}))
+    # Seed before building so the initial weights, too, follow from the seed.
+    seed_everything(cfg.seed)
+    net = build_model(mcfg, splits.input_shape, splits.num_classes)
+    set_normalization(net, splits.train.x)
+    started = time.perf_counter()
+    history = fit(net, splits, cfg, log=log, progress=not quiet)
+    seconds = time.perf_counter() - started
+    metrics = final_metrics(net, splits, resolve_device(cfg.device))
+    metrics["train_seconds"] = seconds
+    metrics["epochs_run"] = len(history)
+    if force:
+        clear_run(out)
+    run = save_run(out, net.cpu(), splits, mcfg, config_dict(cfg), history, metrics)
+    log(
+        f"test accuracy {metrics['test_accuracy']:.4f} after {len(history)} epochs in {seconds:.1f}s; "
+        f"run saved to {out}"
+    )
+    return run
+
+
+def final_metrics(model: nn.Module, data: DataSplits, device) -> dict:
+    """Loss and accuracy on every split, in eval mode (the overfitting report compares them)."""
+    metrics = {}
+    for name in ("train", "val", "test"):
+        result = evaluate(model, data.split(name), device)
+        metrics[f"{name}_loss"] = result["loss"]
+        metrics[f"{name}_accuracy"] = result["accuracy"]
+    return metrics
+
+
+def load(path: str | Path) -> Run:
+    """Open a run: ``run.model`` (eval mode, CPU) and ``run.data`` (its splits) load on first use."""
+    return Run(path)
+
+
+def _select(split_x, split_y, groups: dict, samples: int | None, indices) -> tuple:
+    """The samples to analyze: explicit indices, else the first ``samples``, else all."""
+    import numpy as np
+    import torch
+
+    n = len(split_x)
+    if indices is not None:
+        index = np.asarray(list(indices), dtype=int)
+        bad = index[(index < 0) | (index >= n)]
+        if bad.size:
+            raise XdlError(f"index {int(bad[0])} is out of range: the split has {n} samples (0..{n - 1})")
+    elif samples is not None:
+        if samples <= 0:
+            raise XdlError(f"--samples must be > 0, got {samples}")
+        index = np.arange(min(samples, n))
+    else:
+        index = np.arange(n)
+    t = torch.as_tensor(index, dtype=torch.long)
+    y = split_y[t] if split_y is not None else None
+    return split_x[t], y, {k: v[index] for k, v in groups.items()}, index
+
+
+def analyze(
+    kind: str,
+    source: "Run | str | Path | nn.Module",
+    method: str,
+    *,
+    x=None,
+    y=None,
+    class_names: list[str] | None = None,
+    samples: int | None | str = "default",
+    split: str = "test",
+    indices=None,
+    target: str | int = "predicted",
+    params: dict | list[str] | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    batch_size: int = 256,
+    save: bool = True,
+    force: bool = False,
+    out: str | Path | None = None,
+    progress: bool = False,
+):
+    """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
+
+    Returns the :class:`xdl.analyzers.Result`; for runs it is also saved under
+    ``RUN/<kind>/<method>/`` (a new ``<method>-2`` … unless ``force``).
+    """
+    import torch
+
+    from xdl.analyzers import Context, analyze as run_analyzer, load_analyzer, parse_params
+
+    cls = load_analyzer(kind, method)
+    analyzer = cls()
+    parsed = parse_params(cls.Params, params)
+    count = cls.samples if samples == "default" else samples
+    dev = resolve_device(device)
+    if isinstance(source, nn.Module):
+        if x is None:
+            raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels)")
+        x = torch.as_tensor(x).float()
+        y = None if y is None else torch.as_tensor(y).long()
+        xs, ys, groups, index = _select(x, y, {}, count, indices)
+        with torch.no_grad():
+            n_out = source(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
+        ctx = Context(
+            model=source, x=xs, y=ys, kind="image" if x.dim() == 4 else "tabular",
+            class_names=class_names or [str(i) for i in range(n_out)], device=dev,
+            seed=0 if seed is None else seed, batch_size=batch_size, target=target,
+            indices=index, progress=progress,
+        )
+        run = None
+    else:
+        run = source if isinstance(source, Run) else Run(source)
+        data = run.data
+        part = data.split(split)
+        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices)
+        ctx = Context(
+            model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
+            feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,
+            run=run, device=dev, seed=run.seed if seed is None else seed, batch_size=batch_size,
+            target=target, split=split, indices=index, progress=progress,
+        )
+    result = run_analyzer(analyzer, ctx, parsed)
+    if out is not None:
+        result.save(out)
+    elif run is not None and save:
+        result.save(run.result_dir(kind, method, force))
+    return result
+
+
+def explain(source, method: str = "saliency", **options):
+    """Explain a run's (or a model's) predictions: ``xdl.explain(run, "ig", samples=8)``."""
+    return analyze("explain", source, method, **options)
+
+
+def attack(source, method: str = "fgsm", **options):
+    """Attack a run or model: ``xdl.attack(run, "pgd", params={"eps": 0.1})``."""
+    return analyze("attack", source, method, **options)
+
+
+def report(source, method: str = "bias", **options):
+    """Report on a run's health: ``xdl.report(run, "overfit")``."""
+    return analyze("report", source, method, **options)

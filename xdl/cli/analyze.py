@@ -1,0 +1,89 @@
+"""``xdl explain``, ``xdl attack``, ``xdl report``: one handler, three kinds of analyzer.
+
+The ``--method`` choices and help come from the plugin registry (entry-point metadata),
+never from a hand-kept list; a third-party analyzer appears here once installed.
+"""
+
+from __future__ import annotations
+
+import click
+
+DEFAULT_METHOD = {"explain": "saliency", "attack": "fgsm", "report": "bias"}
+# Kind-specific flags that are shortcuts for --param NAME=VALUE.
+SHORTCUTS = {
+    "attack": [click.Option(["--eps"], help="perturbation size in the input's natural range; a comma list sweeps")],
+    "report": [click.Option(["--sensitive"], help="tabular runs: group columns to analyze, comma-separated")],
+    "explain": [],
+}
+
+
+def _target(value: str) -> str | int:
+    if value in ("predicted", "true"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected predicted, true or a class index, got {value!r}") from None
+
+
+def _indices(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+class MethodHelp(click.Command):
+    """Fills the --method help from the registry only when help is shown."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from xdl.analyzers.registry import discover
+
+        methods = ", ".join(p.name for p in discover(self.name))
+        for param in self.params:
+            if param.name == "method":
+                param.help = f"one of: {methods or 'none installed'}"
+        super().format_help(ctx, formatter)
+
+
+def make_command(kind: str) -> click.Command:
+    def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet, **shortcuts):
+        from xdl.api import analyze
+
+        params = list(param)
+        params += [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+        result = analyze(
+            kind, run, method, samples="default" if samples is None else samples, split=split,
+            indices=_indices(indices), target=_target(target), params=params, device=device, seed=seed,
+            batch_size=batch_size, force=force, progress=not quiet,
+        )
+        if result.summary:
+            click.echo(result.summary)
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"{kind} results saved to {result.path}")
+
+    params = [
+        click.Argument(["run"], type=click.Path(file_okay=False)),
+        click.Option(["--method", "-m"], default=DEFAULT_METHOD[kind], show_default=True),
+        click.Option(["--samples", "-n"], type=int, help="how many samples of the split (default: the method's)"),
+        click.Option(["--split"], type=click.Choice(["train", "val", "test"]), default="test", show_default=True),
+        click.Option(["--indices"], help="comma-separated sample indices within the split"),
+        click.Option(["--target"], default="predicted", show_default=True, help="predicted | true | CLASS_INDEX"),
+        click.Option(["--param", "-p"], multiple=True, help="method parameter KEY=VALUE (repeatable)"),
+        click.Option(["--device"], default="auto", show_default=True, help="auto | cpu | cuda | mps"),
+        click.Option(["--seed"], type=int, help="default: the run's training seed"),
+        click.Option(["--batch-size"], type=click.IntRange(min=1), default=256, show_default=True),
+        click.Option(["--force"], is_flag=True, help="replace an earlier result of this method instead of adding METHOD-2"),
+        click.Option(["--quiet", "-q"], is_flag=True),
+        *SHORTCUTS[kind],
+    ]
+    return MethodHelp(kind, callback=handler, params=params,
+                      help=f"Run a {kind} analyzer on a run directory; results go to RUN/{kind}/METHOD/.")
+
+
+explain = make_command("explain")
+attack = make_command("attack")
+report = make_command("report")

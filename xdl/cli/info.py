@@ -1,0 +1,27 @@
+"""``xdl info RUN``: the run's configuration and metrics in the terminal."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("info")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print run.json as it is")
+def command(run: str, as_json: bool) -> None:
+    """Print a run's model, data, training configuration and final metrics."""
+    from xdl.run import Run
+
+    r = Run(run)
+    if as_json:
+        click.echo(json.dumps(r.info, indent=2))
+        return
+    info = r.info
+    click.echo(f"run        {r.path}")
+    click.echo(f"data       {info['data'].get('name')}  {info['dataset']['sizes']}")
+    click.echo(f"model      {json.dumps({k: v for k, v in info['model'].items()})}")
+    click.echo(f"training   {json.dumps(info['train'])}")
+    for key, value in info.get("metrics", {}).items():
+        click.echo(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")

@@ -1,0 +1,52 @@
+"""``xdl train``: parse flags, call :func:`xdl.api.train`, say where the run went."""
+
+from __future__ import annotations
+
+import click
+
+from xdl.cli.options import csv_ints, csv_strs
+
+
+@click.command("train")
+@click.option("--data", default="digits", show_default=True,
+              help="digits | mnist | fashion-mnist | cifar10 | FILE.csv | FILE.npz | image folder")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="where mnist/fashion-mnist/cifar10 files are (else $XDL_DATA_DIR, else download)")
+@click.option("--target", help="CSV: the label column")
+@click.option("--sensitive", help="CSV: group columns kept for the bias report, comma-separated")
+@click.option("--limit", type=click.IntRange(min=1), help="use at most this many training rows")
+@click.option("--model", default="auto", show_default=True, help="mlp | cnn | package.module:factory (auto: cnn for images, mlp for tables)")
+@click.option("--hidden", callback=csv_ints, help="hidden layer sizes, e.g. 256,128")
+@click.option("--channels", callback=csv_ints, help="cnn conv widths, e.g. 32,64")
+@click.option("--activation", help="relu | gelu | tanh | silu | elu")
+@click.option("--dropout", type=float, help="dropout probability in [0, 1)")
+@click.option("--batch-norm/--no-batch-norm", default=None)
+@click.option("--epochs", type=int, default=15, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="peak learning rate")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click.Choice(["onecycle", "cosine", "none"]), default="onecycle", show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--l1", type=float, default=0.0, show_default=True, help="L1 penalty on weights")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--grad-clip", type=float, default=0.0, show_default=True, help="max gradient norm (0: off)")
+@click.option("--early-stopping", type=int, default=0, show_default=True, help="patience in epochs (0: off)")
+@click.option("--augment", callback=csv_strs, help="comma list of shift, rotate, flip, noise, cutout")
+@click.option("--mixup", type=float, default=0.0, show_default=True, help="mixup Beta(α, α); 0: off")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="mixed precision on CUDA")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), help="run directory (default: a new runs/run-NNN)")
+@click.option("--force", is_flag=True, help="replace an existing run at --out")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars or per-epoch lines")
+def command(data, data_dir, target, sensitive, limit, model, hidden, channels, activation, dropout,
+            batch_norm, out, force, quiet, **train_options) -> None:
+    """Train a model and save it as a run directory (weights, run.json, history.csv)."""
+    from xdl.api import train
+
+    data_options = {"data_dir": data_dir, "target": target, "sensitive": sensitive, "limit": limit}
+    model_options = {"hidden": hidden, "channels": channels, "activation": activation,
+                     "dropout": dropout, "batch_norm": batch_norm}
+    train_options["augment"] = train_options["augment"] or []
+    run = train(data, model, out, force=force, quiet=quiet, data_options=data_options,
+                model_options=model_options, **train_options)
+    click.echo(f"run saved to {run.path}  (test accuracy {run.metrics['test_accuracy']:.4f})")

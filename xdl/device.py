@@ -1,0 +1,36 @@
+"""Device choice and seeding, with no side effects at import time."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from xdl.errors import XdlError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; asking for a missing device is a user error."""
+    name = str(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise XdlError("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise XdlError("--device mps was asked for, but MPS is not available")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise XdlError(f"unknown device {name!r}: choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a CPU generator for shuffling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

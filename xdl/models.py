@@ -1,0 +1,150 @@
+"""Models built from JSON-able configs.
+
+Every model starts with a ``Normalize`` layer holding the training data's statistics, so
+it takes inputs in the data's natural range ([0, 1] for images). That one rule makes an
+attack's eps and an explanation's baseline mean the same thing for every model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from xdl.errors import XdlError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "elu": nn.ELU}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"hidden": [256, 128], "activation": "relu", "dropout": 0.0, "batch_norm": False},
+    # Two conv stages suit 8×8 digits up to 28×28 MNIST; CIFAR-sized inputs want a third.
+    "cnn": {"channels": [32, 64], "hidden": 128, "activation": "relu", "dropout": 0.0, "batch_norm": True},
+}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the statistics stored as buffers, so they travel with the weights."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise XdlError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _check(config: dict) -> None:
+    dropout = config.get("dropout", 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise XdlError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def build_mlp(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    _check(config)
+    features = math.prod(in_shape)
+    stats_shape = (in_shape[0], 1, 1) if len(in_shape) == 3 else tuple(in_shape)
+    layers: list[nn.Module] = [Normalize(stats_shape), nn.Flatten()]
+    width = features
+    for hidden in config["hidden"]:
+        layers.append(nn.Linear(width, hidden))
+        if config.get("batch_norm"):
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(_activation(config["activation"]))
+        if config.get("dropout"):
+            layers.append(nn.Dropout(config["dropout"]))
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_cnn(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    _check(config)
+    if len(in_shape) != 3:
+        raise XdlError(f"the cnn model needs image inputs (C×H×W); this data has shape {list(in_shape)}")
+    channels, size = in_shape[0], min(in_shape[1:])
+    layers: list[nn.Module] = [Normalize((channels, 1, 1))]
+    for width in config["channels"]:
+        layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=not config.get("batch_norm")))
+        if config.get("batch_norm"):
+            layers.append(nn.BatchNorm2d(width))
+        layers.append(_activation(config["activation"]))
+        # Halve the resolution while it is at least 7 pixels: 8→4, 28→14→7→3, 32→16→8→4.
+        if size >= 7:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        channels = width
+    with torch.no_grad():
+        flat = nn.Sequential(*layers[1:], nn.Flatten())(torch.zeros(1, *in_shape)).shape[1]
+    layers += [nn.Flatten(), nn.Linear(flat, config["hidden"]), _activation(config["activation"])]
+    if config.get("dropout"):
+        layers.append(nn.Dropout(config["dropout"]))
+    layers.append(nn.Linear(config["hidden"], num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A user's ``package.module:factory``, called as factory(in_shape, num_classes, **kwargs)."""
+    target = config.get("factory", "")
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise XdlError(f"--model must be mlp, cnn or package.module:factory, got {target!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise XdlError(f"cannot resolve model factory {target!r}: {exc}") from None
+    model = factory(tuple(in_shape), num_classes, **config.get("kwargs", {}))
+    if not isinstance(model, nn.Module):
+        raise XdlError(f"model factory {target!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+BUILDERS = {"mlp": build_mlp, "cnn": build_cnn, "custom": build_custom}
+
+
+def model_config(model: str | dict = "auto", kind: str = "image", **overrides) -> dict:
+    """Complete a model choice into the JSON-able config saved with the run."""
+    config = dict(model) if isinstance(model, dict) else {"name": model}
+    name = config["name"]
+    if name == "auto":
+        name = config["name"] = "cnn" if kind == "image" else "mlp"
+    if ":" in name:
+        config.update(name="custom", factory=name)
+    elif name not in BUILDERS:
+        raise XdlError(f"unknown model {name!r}: choose mlp, cnn or package.module:factory")
+    for key, value in DEFAULTS.get(config["name"], {}).items():
+        config.setdefault(key, value)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config
+
+
+def build_model(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the (untrained) model a config describes; the same call rebuilds a saved run."""
+    return BUILDERS[config["name"]](config, tuple(in_shape), num_classes)
+
+
+def set_normalization(model: nn.Module, x: torch.Tensor) -> None:
+    """Fill the model's Normalize layer with the statistics of the training inputs."""
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    if norm is None:  # a user's own model normalizes itself, or not at all
+        return
+    dims = [0, 2, 3] if x.dim() == 4 and norm.mean.dim() == 3 and norm.mean.shape[1:] == (1, 1) else [0]
+    mean, std = x.mean(dims, keepdim=True)[0], x.std(dims, keepdim=True)[0]
+    norm.mean.copy_(mean.reshape(norm.mean.shape))
+    # A constant pixel or feature has std 0: leave it unscaled instead of dividing by zero.
+    norm.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).reshape(norm.std.shape))
+
+
+def last_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The last Conv2d layer (name, module), the usual Grad-CAM layer; None for conv-free models."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None

@@ -1,0 +1,273 @@
+"""The training loop: data resident in device tensors, augmentation on whole batches.
+
+Read it top to bottom: hyperparameters, augmentation, evaluation, the loop. There is no
+callback framework; early stopping and the schedule are a few lines each.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xdl.data.types import DataSplits, Split
+from xdl.device import resolve_device, seed_everything
+from xdl.errors import XdlError
+
+# -----------------------------------------------------------------------------------------
+# Hyperparameters
+# -----------------------------------------------------------------------------------------
+
+AUGMENTATIONS = ("shift", "rotate", "flip", "noise", "cutout")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128  # large batches keep the device busy; one-cycle makes them converge
+    lr: float = 3e-3  # peak learning rate of the schedule
+    optimizer: str = "adamw"  # adam | adamw | sgd (momentum 0.9, Nesterov)
+    schedule: str = "onecycle"  # onecycle | cosine | none
+    weight_decay: float = 5e-4  # decoupled for adamw, L2 for adam and sgd
+    l1: float = 0.0  # L1 penalty on weights (not biases or norms), added to the loss
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    early_stopping: int = 0  # patience in epochs on validation loss; 0 = off. Restores the best weights
+    augment: list[str] = field(default_factory=list)  # any of AUGMENTATIONS
+    shift: float = 0.1  # max translation, as a fraction of the image size
+    rotate: float = 10.0  # max rotation in degrees
+    noise: float = 0.05  # Gaussian noise std, in input units
+    cutout: float = 0.25  # cutout square side, as a fraction of the image size
+    mixup: float = 0.0  # Beta(α, α) mixing; 0 = off
+    device: str = "auto"
+    amp: bool = True  # bf16/fp16 autocast, on CUDA only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise XdlError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise XdlError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size <= 0:
+            raise XdlError(f"batch size must be > 0, got {self.batch_size}")
+        for name in ("weight_decay", "l1", "grad_clip", "early_stopping", "mixup", "noise"):
+            if getattr(self, name) < 0:
+                raise XdlError(f"{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise XdlError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise XdlError(f"unknown optimizer {self.optimizer!r}: choose adam, adamw or sgd")
+        if self.schedule not in ("onecycle", "cosine", "none"):
+            raise XdlError(f"unknown schedule {self.schedule!r}: choose onecycle, cosine or none")
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        if unknown:
+            raise XdlError(f"unknown augmentation {unknown[0]!r}: choose from {', '.join(AUGMENTATIONS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# -----------------------------------------------------------------------------------------
+# Augmentation: whole batches on the training device, no per-sample Python
+# -----------------------------------------------------------------------------------------
+
+
+def augment(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    n = x.shape[0]
+    if "shift" in cfg.augment or "rotate" in cfg.augment:
+        angle = torch.zeros(n, device=x.device)
+        shift = torch.zeros(n, 2, device=x.device)
+        if "rotate" in cfg.augment:
+            angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(cfg.rotate)
+        if "shift" in cfg.augment:
+            # affine_grid works in [-1, 1] coordinates: a fraction f of the image is 2f.
+            shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * 2 * cfg.shift
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+    if "flip" in cfg.augment:
+        flip = torch.rand(n, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(flip, x.flip(-1), x)
+    if "cutout" in cfg.augment:
+        h, w = x.shape[-2:]
+        side = max(1, round(cfg.cutout * min(h, w)))
+        cy = torch.randint(0, h, (n, 1, 1, 1), device=x.device)
+        cx = torch.randint(0, w, (n, 1, 1, 1), device=x.device)
+        rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
+        cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
+        hole = ((rows - cy).abs() <= side // 2) & ((cols - cx).abs() <= side // 2)
+        x = x.masked_fill(hole, 0.0)
+    if "noise" in cfg.augment:
+        x = x + cfg.noise * torch.randn_like(x)
+        if x.dim() == 4:  # images stay in their valid range; tabular rows are unbounded
+            x = x.clamp(0, 1)
+    return x
+
+
+# -----------------------------------------------------------------------------------------
+# Evaluation
+# -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 1024) -> dict[str, float]:
+    """Loss and accuracy over a split, in eval mode; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        xb = split.x[start : start + batch_size].to(device, non_blocking=True)
+        yb = split.y[start : start + batch_size].to(device, non_blocking=True)
+        logits = model(xb).float()
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return {"loss": loss / n, "accuracy": correct / n}
+
+
+# -----------------------------------------------------------------------------------------
+# The loop
+# -----------------------------------------------------------------------------------------
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _l1(model: nn.Module) -> torch.Tensor:
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return sum(w.abs().sum() for w in weights)
+
+
+Logger = Callable[[str], None]
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits,
+    cfg: TrainConfig,
+    log: Logger | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``model`` in place on ``data.train``; return one history row per epoch."""
+    log = log or (lambda line: print(line, file=sys.stderr))
+    device = resolve_device(cfg.device)
+    if data.kind == "tabular" and set(cfg.augment) - {"noise"}:
+        raise XdlError("tabular data supports only the 'noise' augmentation (and mixup)")
+    generator = seed_everything(cfg.seed)
+    model.to(device)
+    # Data lives on the device for the whole run: batches are index gathers, not copies.
+    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    n = len(y_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    opt = _optimizer(model, cfg)
+    sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    history: list[dict] = []
+    best: tuple[float, int, dict] | None = None
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(n, generator=generator).to(device)
+        total_loss = torch.zeros((), device=device)
+        total_correct = torch.zeros((), device=device, dtype=torch.long)
+        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb, yb = augment(x_train[idx], cfg), y_train[idx]
+            if cfg.mixup > 0:
+                lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                perm = torch.randperm(len(idx), device=device)
+                xb = lam * xb + (1 - lam) * xb[perm]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                if cfg.mixup > 0:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(
+                        logits.float(), yb[perm], label_smoothing=cfg.label_smoothing
+                    )
+                if cfg.l1 > 0:
+                    loss = loss + cfg.l1 * _l1(model)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            # Accumulate on the device: a .item() per step would sync the GPU every batch.
+            total_loss += loss.detach() * len(idx)
+            total_correct += (logits.argmax(1) == yb).sum()
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.close()
+        val = evaluate(model, data.val, device)
+        seconds = time.perf_counter() - start
+        row = {
+            "epoch": epoch,
+            "train_loss": total_loss.item() / n,
+            "train_accuracy": total_correct.item() / n,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": seconds,
+        }
+        history.append(row)
+        log(
+            f"epoch {epoch:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  {n / seconds:,.0f} samples/s"
+        )
+        if cfg.early_stopping:
+            if best is None or val["loss"] < best[0]:
+                best = (val["loss"], epoch, copy.deepcopy(model.state_dict()))
+            elif epoch - best[1] >= cfg.early_stopping:
+                log(f"early stopping: validation loss has not improved since epoch {best[1]}")
+                break
+    if best is not None:
+        model.load_state_dict(best[2])
+        history[best[1] - 1]["best"] = True
+    model.eval()
+    return history
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit="batch", file=sys.stderr, dynamic_ncols=True)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
