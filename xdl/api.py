@@ -8,10 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
+from xdl import checkpoint
 from xdl.data import load_data
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
-from xdl.models import build_model, model_config, set_normalization
+from xdl.models import build_model, load_user_weights, model_config, set_normalization
 from xdl.run import Run, clear_run, new_run_path, save_run
 from xdl.training import TrainConfig, config_dict, evaluate, fit
 from xdl.device import resolve_device, seed_everything
@@ -26,6 +27,8 @@ def train(
     quiet: bool = False,
     data_options: dict | None = None,
     model_options: dict | None = None,
+    resume: bool = False,
+    init_weights: str | Path | None = None,
     **train_options,
 ) -> Run:
     """Train a model and save it as a run directory.
@@ -36,13 +39,27 @@ def train(
     ``train_options`` are the fields of :class:`xdl.training.TrainConfig` (epochs, lr, …);
     ``data_options`` go to the data spec (data_dir, target, sensitive, seed …);
     ``model_options`` override the model config (hidden, channels, dropout …).
+    ``init_weights`` starts from a user's weights (.safetensors, or .pt/.pth read without
+    executing code). ``resume=True`` continues the unfinished run at ``out`` from its last
+    epoch checkpoint, with the config saved there (other arguments are ignored).
     """
     log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
-    cfg = TrainConfig(**train_options)
+    if resume:
+        if out is None:
+            raise XdlError("resuming needs the run directory: xdl train --resume RUN")
+        saved = checkpoint.load_config(Path(out) / checkpoint.FOLDER)
+        data, model, data_options, model_options = saved["data"], saved["model"], None, None
+        cfg = TrainConfig.from_dict(saved["train"])
+    else:
+        cfg = TrainConfig(**train_options)
     resolve_device(cfg.device)  # fail on a missing GPU before loading any data
     out = Path(out) if out else new_run_path()
-    if (out / "run.json").exists() and not force:
+    if (out / "run.json").exists() and (resume or not force):
+        if resume:
+            raise XdlError(f"{out} has finished training; there is nothing to resume")
         raise XdlError(f"{out} already holds a run; choose another --out or pass --force to replace it")
+    if not (resume or force) and checkpoint.exists(out / checkpoint.FOLDER):
+        raise XdlError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
     splits = data if isinstance(data, DataSplits) else load_data(data, **(data_options or {}))
     for note in splits.notes:
         log(f"data: {note}")
@@ -51,8 +68,12 @@ def train(
     seed_everything(cfg.seed)
     net = build_model(mcfg, splits.input_shape, splits.num_classes)
     set_normalization(net, splits.train.x)
+    if not resume:
+        if init_weights is not None:
+            load_user_weights(net, init_weights)
+        checkpoint.save_config(out / checkpoint.FOLDER, {"model": mcfg, "data": splits.spec, "train": config_dict(cfg)})
     started = time.perf_counter()
-    history = fit(net, splits, cfg, log=log, progress=not quiet)
+    history = fit(net, splits, cfg, log=log, progress=not quiet, checkpoint_dir=out / checkpoint.FOLDER, resume=resume)
     seconds = time.perf_counter() - started
     metrics = final_metrics(net, splits, resolve_device(cfg.device))
     metrics["train_seconds"] = seconds

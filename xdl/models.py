@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> n
         raise XdlError(f"--model must be mlp, cnn or package.module:factory, got {target!r}")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
         raise XdlError(f"cannot resolve model factory {target!r}: {exc}") from None
     model = factory(tuple(in_shape), num_classes, **config.get("kwargs", {}))
     if not isinstance(model, nn.Module):
@@ -148,3 +149,49 @@ def last_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The last Conv2d layer (name, module), the usual Grad-CAM layer; None for conv-free models."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     return convs[-1] if convs else None
+
+
+def load_user_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a user's weights into ``model`` without ever executing code from the file.
+
+    ``.safetensors`` holds tensors only. ``.pt``/``.pth`` go through torch's restricted
+    unpickler (``weights_only=True``), which refuses any object but tensors and containers,
+    so a file crafted to run a command on load is rejected before anything runs. Missing
+    normalization buffers keep the statistics computed from the training data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise XdlError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise XdlError(f"cannot read weights {path}: {exc}") from None
+    elif suffix in (".pt", ".pth"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        # The restricted unpickler and the zip reader raise many types for a bad or hostile
+        # file (UnpicklingError, RuntimeError, EOFError, …); each means "not plain weights".
+        except Exception as exc:  # noqa: BLE001
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise XdlError(f"refusing to load {path}: not a plain tensor checkpoint ({first})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    else:
+        raise XdlError(f"cannot read weights {path}: expected a .safetensors, .pt or .pth file")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise XdlError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    norm = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Normalize) for b in ("mean", "std")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise XdlError(f"weights in {path} do not fit the model: {first}") from None
+    missing = [k for k in missing if k not in norm]
+    if missing or unexpected:
+        what = f"lack {missing[0]!r}" if missing else f"have an unknown parameter {unexpected[0]!r}"
+        raise XdlError(f"weights in {path} do not fit the model: they {what}")

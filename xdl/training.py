@@ -12,11 +12,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xdl import checkpoint
 from xdl.data.types import DataSplits, Split
 from xdl.device import resolve_device, seed_everything
 from xdl.errors import XdlError
@@ -165,14 +167,37 @@ def _l1(model: nn.Module) -> torch.Tensor:
 Logger = Callable[[str], None]
 
 
+class TrainingDiverged(XdlError):
+    """The loss became NaN or infinite; the checkpoint of the last good epoch is kept."""
+
+    def __init__(self, epoch: int, step: int, steps: int, checkpoint_dir: Path | None):
+        kept = (
+            f"the last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}"
+            if checkpoint_dir is not None and epoch > 1
+            else "no good epoch was saved"
+        )
+        super().__init__(
+            f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} of {steps}; "
+            f"{kept}. Lower --lr, or add --grad-clip"
+        )
+        self.epoch, self.step = epoch, step
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
     cfg: TrainConfig,
     log: Logger | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
 ) -> list[dict]:
-    """Train ``model`` in place on ``data.train``; return one history row per epoch."""
+    """Train ``model`` in place on ``data.train``; return one history row per epoch.
+
+    With ``checkpoint_dir`` the complete state is saved there after every epoch, and
+    ``resume`` continues from it so that the result equals an uninterrupted run (on CPU).
+    A NaN or infinite loss raises :class:`TrainingDiverged`, leaving the last good checkpoint.
+    """
     log = log or (lambda line: print(line, file=sys.stderr))
     device = resolve_device(cfg.device)
     if data.kind == "tabular" and set(cfg.augment) - {"noise"}:
@@ -192,12 +217,17 @@ def fit(
 
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
-    for epoch in range(1, cfg.epochs + 1):
+    done = 0
+    if resume:
+        done, history, best = checkpoint.restore(checkpoint_dir, model, opt, sched, scaler, generator)
+        log(f"resuming after epoch {done}/{cfg.epochs} from {checkpoint_dir}")
+    for epoch in range(done + 1, cfg.epochs + 1):
         model.train()
         start = time.perf_counter()
         order = torch.randperm(n, generator=generator).to(device)
         total_loss = torch.zeros((), device=device)
         total_correct = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.zeros((), device=device, dtype=torch.long)  # 1-based step of the first NaN/inf loss
         bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -225,6 +255,7 @@ def fit(
             sched.step()
             # Accumulate on the device: a .item() per step would sync the GPU every batch.
             total_loss += loss.detach() * len(idx)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
             total_correct += (logits.argmax(1) == yb).sum()
             if bar is not None:
                 bar.update(1)
@@ -232,6 +263,8 @@ def fit(
                     bar.set_postfix(loss=f"{loss.item():.3f}")
         if bar is not None:
             bar.close()
+        if first_bad.item():
+            raise TrainingDiverged(epoch, int(first_bad.item()), steps_per_epoch, checkpoint_dir)
         val = evaluate(model, data.val, device)
         seconds = time.perf_counter() - start
         row = {
@@ -254,6 +287,8 @@ def fit(
             elif epoch - best[1] >= cfg.early_stopping:
                 log(f"early stopping: validation loss has not improved since epoch {best[1]}")
                 break
+        if checkpoint_dir is not None:
+            checkpoint.save(checkpoint_dir, epoch, model, opt, sched, scaler, generator, history, best)
     if best is not None:
         model.load_state_dict(best[2])
         history[best[1] - 1]["best"] = True
