@@ -139,11 +139,19 @@ class Context:
     def input_range(self) -> tuple[float, float] | None:
         return (0.0, 1.0) if self.kind == "image" else None
 
-    def batches(self, n: int | None = None, batch_size: int | None = None) -> Iterator[slice]:
+    def batches(self, n: int | None = None, batch_size: int | None = None, desc: str | None = None) -> Iterator[slice]:
+        """Slices over the samples; with ``desc`` and ``progress`` on, a bar on stderr."""
         n = len(self.x) if n is None else n
         size = batch_size or self.batch_size
-        for start in range(0, n, size):
-            yield slice(start, min(start + size, n))
+        slices = [slice(start, min(start + size, n)) for start in range(0, n, size)]
+        if desc and self.progress and len(slices) > 1:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            yield from tqdm(slices, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+        else:
+            yield from slices
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None = None) -> torch.Tensor:
