@@ -76,7 +76,8 @@ class Attribution(Analyzer):
         targets = ctx.targets()
         maps, deltas = [], []
         for s in ctx.batches(desc=self.name):
-            x = ctx.x[s].to(ctx.device)
+            # Asking for gradients up front spares captum's "did not require gradients" warning.
+            x = ctx.x[s].to(ctx.device).requires_grad_()
             out = self.attribute(ctx, x, targets[s].to(ctx.device), params)
             attr, delta = out if isinstance(out, tuple) else (out, None)
             maps.append(attr.detach().float().cpu())

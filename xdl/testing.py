@@ -1,0 +1,195 @@
+"""Helpers for plugin authors: tiny models and data, and the contract every analyzer passes.
+
+The built-in analyzers are tested with exactly this check, so a third-party analyzer that
+passes it behaves like them in ``xdl explain``, ``xdl audit`` and the report::
+
+    from xdl.testing import check_analyzer
+    from my_package import MyAnalyzer
+
+    def test_my_analyzer():
+        check_analyzer(MyAnalyzer)
+
+Everything here is small enough to run in well under a second per analyzer on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xdl.analyzers.base import Analyzer, Context, Result, analyze, hook_count
+from xdl.data.types import DataSplits
+
+# Rows of the tiny image data (sklearn's 8×8 digits) and of the tiny table: enough for a
+# few epochs to learn something, few enough to train in a fraction of a second.
+IMAGE_LIMIT = 240
+TABULAR_ROWS = 240
+
+
+@functools.lru_cache(maxsize=None)
+def _image_data() -> DataSplits:
+    from xdl.data import load_data
+
+    return load_data("digits", limit=IMAGE_LIMIT)
+
+
+@functools.lru_cache(maxsize=None)
+def _tabular_data() -> DataSplits:
+    """An Adult-census-like table: numeric and categorical columns, a sensitive group."""
+    import pandas as pd
+
+    from xdl.data import DEFAULT_SPEC, random_splits
+    from xdl.data.csv import encode_frame, fit_encoding
+
+    rng = np.random.default_rng(0)
+    n = TABULAR_ROWS
+    frame = pd.DataFrame({
+        "age": rng.integers(18, 70, n),
+        "hours": rng.normal(40, 10, n).round(1),
+        "job": rng.choice(["clerk", "sales", "tech", "manager"], n),
+    })
+    sex = rng.choice(["female", "male"], n)
+    score = 0.05 * (frame.age - 40) + 0.08 * (frame.hours - 40) + np.where(frame.job == "manager", 1.5, 0)
+    y = (score + rng.normal(0, 0.7, n) > 0.3).to_numpy().astype(np.int64)
+    encoding = fit_encoding(frame, list(frame.columns))
+    spec = {"name": "tiny-tabular", **DEFAULT_SPEC}  # not loadable by name: it exists only here
+    train, val, test = random_splits(encode_frame(frame, encoding), y, spec, groups={"sex": sex})
+    return DataSplits(
+        train, val, test, "tabular", ["<=50K", ">50K"], spec,
+        feature_names=encoding.feature_names, encoding=encoding,
+    )
+
+
+def tiny_data(kind: str = "image") -> DataSplits:
+    """The tiny data behind :func:`tiny_context` (shared; do not modify it in place)."""
+    if kind not in ("image", "tabular"):
+        raise ValueError(f"kind must be 'image' or 'tabular', got {kind!r}")
+    return _image_data() if kind == "image" else _tabular_data()
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(kind: str, seed: int) -> nn.Module:
+    """A few epochs of real training, so predictions (and so targets) are not all one class."""
+    from xdl.models import build_model, model_config, set_normalization
+    from xdl.training import TrainConfig, fit
+
+    data = tiny_data(kind)
+    # BatchNorm and dropout make train and eval mode differ, which the contract checks.
+    options = {"channels": [4, 8], "hidden": 16} if kind == "image" else {"hidden": [16]}
+    config = model_config("auto", kind, dropout=0.25, batch_norm=True, **options)
+    torch.manual_seed(seed)
+    model = build_model(config, data.input_shape, data.num_classes)
+    set_normalization(model, data.train.x)
+    fit(model, data, TrainConfig(epochs=3, batch_size=32, device="cpu", seed=seed), log=lambda line: None, progress=False)
+    return model.eval()
+
+
+def tiny_image_model(seed: int = 0) -> nn.Module:
+    """A small trained CNN (conv, BatchNorm, dropout) for 1×8×8 digits, 10 classes, in eval mode."""
+    return copy.deepcopy(_trained("image", seed))
+
+
+def tiny_tabular_model(seed: int = 0) -> nn.Module:
+    """A small trained MLP (BatchNorm, dropout) for the tiny table's encoded rows, 2 classes."""
+    return copy.deepcopy(_trained("tabular", seed))
+
+
+def tiny_context(kind: str = "image", samples: int = 4, seed: int = 0) -> Context:
+    """A fresh Context with a tiny trained model, ``samples`` test samples and the full splits.
+
+    The batch size is 2, so an analyzer that batches is checked across batch boundaries.
+    """
+    data = tiny_data(kind)
+    model = tiny_image_model(seed) if kind == "image" else tiny_tabular_model(seed)
+    test = data.test.subset(np.arange(samples))
+    return Context(
+        model=model, x=test.x, y=test.y, kind=kind, class_names=data.class_names,
+        feature_names=data.feature_names, encoding=data.encoding, groups=test.groups, data=data,
+        seed=seed, batch_size=2, indices=np.arange(samples),
+    )
+
+
+# -----------------------------------------------------------------------------------------
+# The contract
+# -----------------------------------------------------------------------------------------
+
+
+def _fail(cls: type, kind: str, message: str) -> None:
+    raise AssertionError(f"{cls.__name__} on {kind} data: {message}")
+
+
+def check_analyzer(cls: type[Analyzer], params: Any = None, kinds: list[str] | None = None) -> dict[str, Result]:
+    """Run the analyzer contract on each data kind the analyzer applies to; raise AssertionError.
+
+    The contract: ``run`` returns a Result with JSON-able metrics; the result saves and loads
+    back unchanged; the model's train/eval flags (per module), device, weights and hooks are
+    as before; two runs with the same seed give the same metrics and arrays.
+    Returns the results by kind, for further checks of the caller's own.
+    """
+    results = {}
+    for kind in kinds or sorted(cls.applies_to & {"image", "tabular"}):
+        ctx = tiny_context(kind)
+        model = ctx.model
+        # A mixed mode: analyze() must restore each module's own flag, not call model.train().
+        model.train()
+        first = next(m for m in model.modules() if m is not model)
+        first.eval()
+        modes = [m.training for m in model.modules()]
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        hooks = hook_count(model)
+
+        result = _run(cls, ctx, params)
+        if not isinstance(result, Result):
+            _fail(cls, kind, f"run() returned {type(result).__name__}, not a Result")
+        if [m.training for m in model.modules()] != modes:
+            _fail(cls, kind, "the model's train/eval mode was not restored")
+        if hook_count(model) != hooks:
+            _fail(cls, kind, f"{hook_count(model) - hooks} hook(s) left behind on the model")
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])]
+        if changed:
+            _fail(cls, kind, f"the model's weights changed: {', '.join(changed[:3])}")
+        try:
+            json.dumps({"metrics": result.metrics, "params": result.params, "tables": result.tables})
+        except TypeError as exc:
+            _fail(cls, kind, f"metrics, params or tables are not JSON-able: {exc}")
+
+        with tempfile.TemporaryDirectory() as folder:
+            result.save(folder)
+            loaded = Result.load(folder, arrays=True)
+            if (loaded.method, loaded.kind, loaded.summary) != (result.method, result.kind, result.summary):
+                _fail(cls, kind, "method, kind or summary did not survive save/load")
+            if json.loads(json.dumps(result.metrics)) != loaded.metrics:
+                _fail(cls, kind, "metrics did not survive save/load")
+            _same_arrays(cls, kind, result.arrays, loaded.arrays, "after save/load")
+            if set(loaded.figures) != set(result.figures):
+                _fail(cls, kind, "figures did not survive save/load")
+
+        again = _run(cls, tiny_context(kind), params)
+        if json.dumps(again.metrics, sort_keys=True) != json.dumps(result.metrics, sort_keys=True):
+            _fail(cls, kind, "two runs with the same seed gave different metrics")
+        _same_arrays(cls, kind, result.arrays, again.arrays, "on a second run with the same seed")
+        results[kind] = result
+    return results
+
+
+def _run(cls: type[Analyzer], ctx: Context, params: Any) -> Result:
+    analyzer = cls()
+    if not analyzer.name:  # set by the registry; a class tested directly gets its own name
+        analyzer.name = cls.__name__.lower()
+    return analyze(analyzer, ctx, params)
+
+
+def _same_arrays(cls: type, kind: str, a: dict, b: dict, when: str) -> None:
+    if set(a) != set(b):
+        _fail(cls, kind, f"arrays differ {when}: {sorted(a)} vs {sorted(b)}")
+    for name in a:
+        x, y = np.asarray(a[name]), np.asarray(b[name])
+        if x.shape != y.shape or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+            _fail(cls, kind, f"array {name!r} differs {when}")
