@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xdl import checkpoint
+from xdl import robust
 from xdl.data.types import DataSplits, Split
 from xdl.device import resolve_device, seed_everything
 from xdl.errors import XdlError
@@ -48,6 +49,9 @@ class TrainConfig:
     noise: float = 0.05  # Gaussian noise std, in input units
     cutout: float = 0.25  # cutout square side, as a fraction of the image size
     mixup: float = 0.0  # Beta(α, α) mixing; 0 = off
+    adv_train: str = "none"  # none | fgsm (random start, Wong et al. 2020) | pgd (Madry et al. 2018)
+    adv_eps: float = 0.1  # L∞ radius of the training attack, in input units (pixels in [0, 1])
+    adv_steps: int = 10  # PGD steps, each 2.5·eps/steps
     device: str = "auto"
     amp: bool = True  # bf16/fp16 autocast, on CUDA only
     seed: int = 0
@@ -71,6 +75,12 @@ class TrainConfig:
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown:
             raise XdlError(f"unknown augmentation {unknown[0]!r}: choose from {', '.join(AUGMENTATIONS)}")
+        if self.adv_train not in robust.ADV_TRAIN:
+            raise XdlError(f"unknown adversarial training {self.adv_train!r}: choose {', '.join(robust.ADV_TRAIN)}")
+        if self.adv_train != "none" and self.adv_eps <= 0:
+            raise XdlError(f"adv-eps must be > 0, got {self.adv_eps}")
+        if self.adv_steps < 1:
+            raise XdlError(f"adv-steps must be ≥ 1, got {self.adv_steps}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -210,6 +220,7 @@ def fit(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
@@ -232,6 +243,10 @@ def fit(
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, yb = augment(x_train[idx], cfg), y_train[idx]
+            if adversary is not None:
+                # The plain model, not DDP's wrapper: the attack's input gradient must not trigger a gradient sync.
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    xb = adversary(model, xb, yb)
             if cfg.mixup > 0:
                 lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
                 perm = torch.randperm(len(idx), device=device)
