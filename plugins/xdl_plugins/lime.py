@@ -149,6 +149,9 @@ def outline_figure(ctx: Context, segments: list[np.ndarray], weights: np.ndarray
     panels = []
     for image, seg, w in zip(ctx.x[:16].numpy(), segments, weights):
         rgb = np.moveaxis(image, 0, -1) if len(image) == 3 else gray2rgb(image.mean(0))
+        # Upscale small images (nearest) so one-pixel outlines do not cover the digit itself.
+        zoom = max(1, 112 // min(seg.shape))
+        rgb, seg = (a.repeat(zoom, 0).repeat(zoom, 1) for a in (rgb, seg))
         order = np.argsort(w[: seg.max() + 1])
         positive, negative = order[::-1][:top], order[:top]
         for chosen, colour in ((positive[w[positive] > 0], (0, 1, 0)), (negative[w[negative] < 0], (1, 0, 0))):
