@@ -4,7 +4,8 @@ Numeric columns are standardized with the training mean/std (missing values impu
 with the training median); non-numeric columns are one-hot encoded over the categories
 seen in training (missing values become the category ``"missing"``, unseen values encode
 as all zeros). ``--sensitive`` columns are kept as per-row group labels and are not
-model inputs unless ``sensitive_as_feature`` is set. Everything is a pure function of
+model inputs unless ``sensitive_as_feature`` is set; ``extra_groups`` columns are group
+labels that remain model inputs. Everything is a pure function of
 the spec, so a run reloading its spec gets the identical encoding.
 """
 
@@ -131,10 +132,13 @@ def load_csv(spec: dict) -> DataSplits:
     sensitive = spec.get("sensitive") or []
     if isinstance(sensitive, str):
         sensitive = [s for s in sensitive.split(",") if s]
-    for name in [target, *sensitive]:
+    # Extra group columns stay model features: a report can group a finished run's rows by
+    # them (``xdl report --sensitive``) without changing the encoding the model was trained on.
+    extra = [c for c in spec.get("extra_groups") or [] if c not in sensitive]
+    for name in [target, *sensitive, *extra]:
         if name not in frame.columns:
             raise XdlError(f"CSV has no column {name!r}; columns are: {', '.join(columns)}")
-    if target in sensitive:
+    if target in sensitive or target in extra:
         raise XdlError(f"column {target!r} cannot be both the target and a sensitive column")
 
     y, class_names = _class_labels(frame[target], target)
@@ -142,7 +146,7 @@ def load_csv(spec: dict) -> DataSplits:
     features = [c for c in columns if c not in skip]
     if not features:
         raise XdlError(f"{path} has no feature columns besides the target{' and sensitive columns' if sensitive else ''}")
-    groups = {s: _as_strings(frame[s]).to_numpy(dtype=object).astype(str) for s in sensitive}
+    groups = {s: _as_strings(frame[s]).to_numpy(dtype=object).astype(str) for s in [*sensitive, *extra]}
 
     # Split row indices first (stratified, seeded), then fit the encoding on train rows only.
     # random_splits hands back float32 tensors: row numbers stay exact below 2**24.
