@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from xdl import checkpoint
+from xdl import distributed
 from xdl.data import load_data
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
@@ -30,7 +31,7 @@ def train(
     resume: bool = False,
     init_weights: str | Path | None = None,
     **train_options,
-) -> Run:
+) -> Run | None:
     """Train a model and save it as a run directory.
 
     >>> run = xdl.train(data="digits", model="cnn", epochs=3)      # doctest: +SKIP
@@ -39,6 +40,8 @@ def train(
     ``train_options`` are the fields of :class:`xdl.training.TrainConfig` (epochs, lr, …);
     ``data_options`` go to the data spec (data_dir, target, sensitive, seed …);
     ``model_options`` override the model config (hidden, channels, dropout …).
+    Under torchrun every rank trains its share with DDP; rank 0 writes the run and the
+    other ranks return None.
     ``init_weights`` starts from a user's weights (.safetensors, or .pt/.pth read without
     executing code). ``resume=True`` continues the unfinished run at ``out`` from its last
     epoch checkpoint, with the config saved there (other arguments are ignored).
@@ -53,7 +56,10 @@ def train(
     else:
         cfg = TrainConfig(**train_options)
     resolve_device(cfg.device)  # fail on a missing GPU before loading any data
-    out = Path(out) if out else new_run_path()
+    world = distributed.join(cfg.device)  # torchrun's process group; a no-op for one process
+    if not world.main:  # rank 0 speaks and writes for all
+        log, quiet = (lambda line: None), True
+    out = distributed.broadcast(Path(out) if out else new_run_path(), world)
     if (out / "run.json").exists() and (resume or not force):
         if resume:
             raise XdlError(f"{out} has finished training; there is nothing to resume")
@@ -71,13 +77,18 @@ def train(
     if not resume:
         if init_weights is not None:
             load_user_weights(net, init_weights)
-        checkpoint.save_config(out / checkpoint.FOLDER, {"model": mcfg, "data": splits.spec, "train": config_dict(cfg)})
+        distributed.barrier(world)  # every rank has checked ``out`` before rank 0 writes there
+        if world.main:
+            checkpoint.save_config(out / checkpoint.FOLDER, {"model": mcfg, "data": splits.spec, "train": config_dict(cfg)})
     started = time.perf_counter()
     history = fit(net, splits, cfg, log=log, progress=not quiet, checkpoint_dir=out / checkpoint.FOLDER, resume=resume)
     seconds = time.perf_counter() - started
-    metrics = final_metrics(net, splits, resolve_device(cfg.device))
+    metrics = final_metrics(net, splits, distributed.local_device(cfg.device, world))
     metrics["train_seconds"] = seconds
     metrics["epochs_run"] = len(history)
+    if not world.main:
+        distributed.leave(world)
+        return None
     if force:
         clear_run(out)
     run = save_run(out, net.cpu(), splits, mcfg, config_dict(cfg), history, metrics)
@@ -85,6 +96,7 @@ def train(
         f"test accuracy {metrics['test_accuracy']:.4f} after {len(history)} epochs in {seconds:.1f}s; "
         f"run saved to {out}"
     )
+    distributed.leave(world)
     return run
 
 
@@ -149,7 +161,10 @@ def analyze(
     """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
 
     Returns the :class:`xdl.analyzers.Result`; for runs it is also saved under
-    ``RUN/<kind>/<method>/`` (a new ``<method>-2`` … unless ``force``).
+    ``RUN/<kind>/<method>/`` (a new ``<method>-2`` … unless ``force``). Under torchrun each
+    rank explains or attacks its share of the samples and rank 0 merges, saves and returns
+    the result (:func:`xdl.distributed.merge` says what merging can and cannot do); the
+    other ranks return None.
     """
     import torch
 
@@ -159,7 +174,9 @@ def analyze(
     analyzer = cls()
     parsed = parse_params(cls.Params, params)
     count = cls.samples if samples == "default" else samples
-    dev = resolve_device(device)
+    world = distributed.join(device)  # under torchrun, explain/attack samples are shared out
+    dev = distributed.local_device(device, world)
+    progress = progress and world.main
     if isinstance(source, nn.Module):
         if x is None:
             raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels)")
@@ -186,11 +203,18 @@ def analyze(
             run=run, device=dev, seed=run.seed if seed is None else seed, batch_size=batch_size,
             target=target, split=split, indices=index, progress=progress,
         )
-    result = run_analyzer(analyzer, ctx, parsed)
+    if world.size > 1 and kind != "report":
+        result = distributed.analyze_shards(analyzer, ctx, parsed, world)
+    else:  # a report describes a whole split or the model: each rank computes it whole
+        result = run_analyzer(analyzer, ctx, parsed)
+    if not world.main:  # rank 0 holds the merged result and writes it
+        distributed.leave(world)
+        return None
     if out is not None:
         result.save(out)
     elif run is not None and save:
         result.save(run.result_dir(kind, method, force))
+    distributed.leave(world)
     return result
 
 

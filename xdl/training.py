@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from xdl import checkpoint
+from xdl import distributed
 from xdl import robust
 from xdl.data.types import DataSplits, Split
-from xdl.device import resolve_device, seed_everything
+from xdl.device import seed_everything
 from xdl.errors import XdlError
 
 # -----------------------------------------------------------------------------------------
@@ -54,6 +55,7 @@ class TrainConfig:
     adv_steps: int = 10  # PGD steps, each 2.5·eps/steps
     device: str = "auto"
     amp: bool = True  # bf16/fp16 autocast, on CUDA only
+    compile: bool = False  # torch.compile the training forward/backward; pays off on GPUs after a slow first epoch
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -133,17 +135,24 @@ def augment(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 1024) -> dict[str, float]:
-    """Loss and accuracy over a split, in eval mode; the model's mode is restored after."""
+    """Loss and accuracy over a split, in eval mode; the model's mode is restored after.
+
+    Inside a process group each rank evaluates its own share and the sums are reduced, so
+    every rank gets the same exact figures; all ranks must call it together.
+    """
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        xb = split.x[start : start + batch_size].to(device, non_blocking=True)
-        yb = split.y[start : start + batch_size].to(device, non_blocking=True)
+    share = distributed.shard_range(len(split), distributed.current())
+    for start in range(share.start, share.stop, batch_size):
+        stop = min(start + batch_size, share.stop)
+        xb = split.x[start:stop].to(device, non_blocking=True)
+        yb = split.y[start:stop].to(device, non_blocking=True)
         logits = model(xb).float()
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
     model.train(was_training)
+    loss, correct = distributed.all_reduce_sum(loss, correct)
     n = max(len(split), 1)
     return {"loss": loss / n, "accuracy": correct / n}
 
@@ -209,15 +218,26 @@ def fit(
     A NaN or infinite loss raises :class:`TrainingDiverged`, leaving the last good checkpoint.
     """
     log = log or (lambda line: print(line, file=sys.stderr))
-    device = resolve_device(cfg.device)
+    world = distributed.current()
+    device = distributed.local_device(cfg.device, world)
     if data.kind == "tabular" and set(cfg.augment) - {"noise"}:
         raise XdlError("tabular data supports only the 'noise' augmentation (and mixup)")
     generator = seed_everything(cfg.seed)
+    if world.size > 1:
+        # Ranks share the shuffling generator, not the augmentation and dropout noise.
+        torch.manual_seed(cfg.seed + world.rank)
     model.to(device)
+    # NHWC lets cuDNN choose its tensor-core convolution kernels; on CPU it gains nothing.
+    channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     # Data lives on the device for the whole run: batches are index gathers, not copies.
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    if channels_last:
+        x_train = x_train.contiguous(memory_format=torch.channels_last)  # index gathers keep the layout
     n = len(y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = distributed.steps_per_epoch(n, cfg.batch_size, world)
+    seen = min(n, steps_per_epoch * cfg.batch_size)  # samples per epoch, over all ranks
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device)
@@ -225,6 +245,11 @@ def fit(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    # Training steps go through DDP (and the compiler); evaluation uses the plain model,
+    # whose forward passes need no collective and may differ in number between ranks.
+    step_model = distributed.wrap(model, device, world)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
 
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
@@ -233,7 +258,7 @@ def fit(
         done, history, best = checkpoint.restore(checkpoint_dir, model, opt, sched, scaler, generator)
         log(f"resuming after epoch {done}/{cfg.epochs} from {checkpoint_dir}")
     for epoch in range(done + 1, cfg.epochs + 1):
-        model.train()
+        step_model.train()
         start = time.perf_counter()
         order = torch.randperm(n, generator=generator).to(device)
         total_loss = torch.zeros((), device=device)
@@ -241,7 +266,7 @@ def fit(
         first_bad = torch.zeros((), device=device, dtype=torch.long)  # 1-based step of the first NaN/inf loss
         bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
         for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            idx, share = distributed.shard_batch(order[step * cfg.batch_size : (step + 1) * cfg.batch_size], world)
             xb, yb = augment(x_train[idx], cfg), y_train[idx]
             if adversary is not None:
                 # The plain model, not DDP's wrapper: the attack's input gradient must not trigger a gradient sync.
@@ -252,7 +277,7 @@ def fit(
                 perm = torch.randperm(len(idx), device=device)
                 xb = lam * xb + (1 - lam) * xb[perm]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(xb)
+                logits = step_model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
                 if cfg.mixup > 0:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(
@@ -261,7 +286,7 @@ def fit(
                 if cfg.l1 > 0:
                     loss = loss + cfg.l1 * _l1(model)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * share if world.size > 1 else loss).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -280,12 +305,13 @@ def fit(
             bar.close()
         if first_bad.item():
             raise TrainingDiverged(epoch, int(first_bad.item()), steps_per_epoch, checkpoint_dir)
+        loss_sum, correct_sum = distributed.all_reduce_sum(total_loss, total_correct)
         val = evaluate(model, data.val, device)
         seconds = time.perf_counter() - start
         row = {
             "epoch": epoch,
-            "train_loss": total_loss.item() / n,
-            "train_accuracy": total_correct.item() / n,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct_sum / seen,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "lr": opt.param_groups[0]["lr"],
@@ -302,7 +328,7 @@ def fit(
             elif epoch - best[1] >= cfg.early_stopping:
                 log(f"early stopping: validation loss has not improved since epoch {best[1]}")
                 break
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and world.main:
             checkpoint.save(checkpoint_dir, epoch, model, opt, sched, scaler, generator, history, best)
     if best is not None:
         model.load_state_dict(best[2])

@@ -59,6 +59,8 @@ def make_command(kind: str) -> click.Command:
             indices=_indices(indices), target=_target(target), params=params, device=device, seed=seed,
             batch_size=batch_size, force=force, progress=not quiet,
         )
+        if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
+            return
         if result.summary:
             click.echo(result.summary)
         for warning in result.warnings:

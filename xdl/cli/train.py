@@ -38,6 +38,7 @@ from xdl.cli.options import csv_ints, csv_strs
 @click.option("--adv-steps", type=int, default=10, show_default=True, help="PGD steps for --adv-train pgd")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="mixed precision on CUDA")
+@click.option("--compile", is_flag=True, help="torch.compile the model for training (GPU; the first epoch is slower)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), help="run directory (default: a new runs/run-NNN)")
 @click.option("--force", is_flag=True, help="replace an existing run at --out")
@@ -57,4 +58,6 @@ def command(data, data_dir, target, sensitive, limit, model, hidden, channels, a
         raise click.BadParameter("--resume RUN continues RUN in place; leave out --out", param_hint="--resume")
     run = train(data, model, resume or out, force=force, quiet=quiet, data_options=data_options,
                 model_options=model_options, resume=bool(resume), init_weights=init_weights, **train_options)
+    if run is None:  # a torchrun rank other than 0: rank 0 wrote the run and says where
+        return
     click.echo(f"run saved to {run.path}  (test accuracy {run.metrics['test_accuracy']:.4f})")
