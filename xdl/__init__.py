@@ -24,6 +24,7 @@ _EXPORTS = {
     "explain": "xdl.api",
     "attack": "xdl.api",
     "report": "xdl.api",
+    "audit": "xdl.api",
     "Run": "xdl.run",
     "TrainConfig": "xdl.training",
     "DataSplits": "xdl.data.types",

@@ -231,3 +231,17 @@ def attack(source, method: str = "fgsm", **options):
 def report(source, method: str = "bias", **options):
     """Report on a run's health: ``xdl.report(run, "overfit")``."""
     return analyze("report", source, method, **options)
+
+
+def audit(source: "Run | str | Path", **options):
+    """Run every applicable analyzer and write RUN/audit.html and RUN/audit.json.
+
+    >>> page = xdl.audit(run, only=["ig", "pgd", "calibration"])   # doctest: +SKIP
+    >>> page.html_path                                             # doctest: +SKIP
+
+    Options (only, skip, samples, recompute, eps, device, progress) are those of
+    :func:`xdl.auditing.audit`; the ``xdl audit`` command calls this.
+    """
+    from xdl.auditing import audit as run_audit
+
+    return run_audit(source, **options)

@@ -1,0 +1,234 @@
+"""``xdl audit``: selection, reuse, failures, a third party's section, and the page itself."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import xdl
+from xdl.analyzers.base import Result
+from xdl.auditing import Audit, Section, findings, select
+from xdl.analyzers.registry import PluginInfo
+from xdl.errors import XdlError
+from xdl.render import render_audit
+
+# A third-party package, installed the way pip would leave it: a module and a dist-info
+# folder whose entry points register one analyzer that works and one that crashes.
+THIRD_PARTY = '''
+import numpy as np
+from xdl.analyzers.base import Analyzer
+
+
+class Wide(Analyzer):
+    kind = "report"
+    samples = 6
+
+    def run(self, ctx, params):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(3, 2))
+        ax.plot(np.arange(len(ctx.x)))
+        result = self.result(summary="<b>not bold</b> & counted", metrics={"rows": len(ctx.x), "nested": {"a": 0.5}})
+        result.add_figure("curve", fig)
+        # 40 columns and one long unbroken word: the page must still fit a laptop screen.
+        result.tables["wide"] = [{f"column_{i}": i * row for i in range(40)} for row in range(30)]
+        result.warnings.append("x" * 400)
+        return result
+
+
+class Broken(Analyzer):
+    kind = "explain"
+
+    def run(self, ctx, params):
+        raise RuntimeError("boom")
+'''
+
+
+@pytest.fixture(scope="module")
+def third_party(tmp_path_factory):
+    site = tmp_path_factory.mktemp("site")
+    (site / "xdl_thirdparty_fake.py").write_text(THIRD_PARTY)
+    info = site / "xdl_thirdparty_fake-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xdl-thirdparty-fake\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[xdl.report]\nwide = xdl_thirdparty_fake:Wide\n\n[xdl.explain]\nbroken = xdl_thirdparty_fake:Broken\n"
+    )
+    sys.path.insert(0, str(site))
+    yield site
+    sys.path.remove(str(site))
+    sys.modules.pop("xdl_thirdparty_fake", None)
+
+
+def copy_run(run, dest: Path) -> Path:
+    """A private copy of a session run (the audit writes results into it)."""
+    dest.mkdir()
+    for name in ("run.json", "model.safetensors", "history.csv"):
+        shutil.copy(run.path / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def audited(digits_run, third_party, tmp_path_factory):
+    path = copy_run(digits_run, tmp_path_factory.mktemp("audit") / "run")
+    return xdl.audit(path, only=["saliency", "pgd", "wide", "broken"], samples=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def html(audited) -> str:
+    """The page as first written (later tests audit the same run again and replace it)."""
+    return audited.html_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def audit_json(audited, html) -> str:
+    return audited.json_path.read_text()
+
+
+def images(html: str) -> list[str]:
+    return re.findall(r'<img[^>]*\bsrc="([^"]*)"', html)
+
+
+def test_audit_writes_one_self_contained_page(audited, html):
+    assert [s.key for s in audited.sections] == ["explain/broken", "explain/saliency", "attack/pgd", "report/wide"]
+    assert not re.search(r"<script|<link|@import|url\(|https?://", html, re.I)
+    sources = images(html)
+    # saliency's grid, PGD's examples, the third party's curve: every figure, inlined.
+    assert len(sources) == sum(len(s.result.figures) for s in audited.sections if s.result) >= 3
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for section in audited.sections:
+        assert f'id="{section.anchor}"' in html
+    # The header comes from run.json.
+    assert "cnn" in html and "digits" in html and audited.run.info["versions"]["torch"] in html
+
+
+def test_audit_json_is_the_page_without_images(audited, audit_json):
+    data = json.loads(audit_json)
+    assert "base64" not in audit_json
+    by_key = {f"{s['kind']}/{s['method']}": s for s in data["sections"]}
+    pgd = by_key["attack/pgd"]
+    assert pgd["status"] == "computed" and pgd["samples"] == 8 and pgd["params"]["eps"] == 0.1
+    for figure in pgd["figures"]:
+        assert (audited.run.path / figure).is_file()
+    assert data["settings"]["eps"] == 0.1
+    robust = [f for f in data["findings"] if f["source"] == "attack/pgd"][0]
+    assert robust["value"] == f"{100 * pgd['metrics']['robust_accuracy']:.1f}%"
+
+
+def test_a_failing_analyzer_is_a_failed_section(audited, html):
+    broken = audited.sections[0]
+    assert broken.status == "failed" and broken.error == "RuntimeError: boom"
+    assert 'raise RuntimeError("boom")' in broken.traceback
+    assert "RuntimeError: boom" in html and "1 of 4 analyzers failed" in " ".join(html.split())
+
+
+def test_third_party_section_is_rendered_and_escaped(audited, html):
+    wide = audited.sections[3]
+    assert wide.package == "xdl-thirdparty-fake" and wide.samples == 6  # its own default, under --samples 8
+    assert "&lt;b&gt;not bold&lt;/b&gt; &amp; counted" in html and "<b>not bold" not in html
+    assert "nested.a" in html and "first 12 of 30 rows" in html and "column_39" in html
+
+
+def test_saved_results_are_reused_unless_recompute(audited, audit_json):
+    run = audited.run
+    pgd = run.path / "attack" / "pgd" / "result.json"
+    before = pgd.stat().st_mtime_ns
+    again = xdl.audit(run, only=["pgd"], progress=False)
+    assert again.sections[0].status == "reused" and pgd.stat().st_mtime_ns == before
+    # Another eps is another result: computed beside the first, which stays.
+    other = xdl.audit(run, only=["pgd"], eps=0.05, samples=4, progress=False)
+    assert other.sections[0].status == "computed" and other.sections[0].result.path.name == "pgd-2"
+    redo = xdl.audit(run, only=["pgd"], samples=4, recompute=True, progress=False)
+    assert redo.sections[0].status == "computed" and redo.sections[0].result.path.name == "pgd"
+    assert pgd.stat().st_mtime_ns != before and not (run.path / "attack" / "pgd-3").exists()
+
+
+def test_only_and_skip_choose_analyzers():
+    plugins = [PluginInfo(n, k, "", "xdl", "0") for k, n in [("explain", "ig"), ("explain", "shap"), ("attack", "pgd")]]
+    assert [p.name for p in select(plugins, ["explain"], ["shap"])] == ["ig"]
+    assert [p.name for p in select(plugins, None, ["explain/ig", "pgd"])] == ["shap"]
+    with pytest.raises(XdlError, match="no analyzer called 'nope'"):
+        select(plugins, ["nope"], None)
+
+
+def test_findings_read_known_keys_and_skip_missing(digits_run):
+    fgsm = Result("fgsm", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.0, "eps": 0.3},
+                  tables={"robustness": [{"eps": 0.0, "robust_accuracy": 0.9}, {"eps": 0.1, "robust_accuracy": 0.4}]})
+    sections = [Section("attack", "fgsm", "computed", fgsm), Section("report", "bias", "failed", error="no groups")]
+    found = findings(digits_run, sections, eps=0.1)
+    assert [f.label for f in found] == ["Test accuracy", "Robust accuracy (eps 0.1)"]
+    assert found[1].value == "40.0%" and found[1].level == "warn" and found[1].source == "attack/fgsm"
+    assert [f.label for f in findings(digits_run, sections, eps=0.2)] == ["Test accuracy"]
+
+
+def test_render_any_result_from_an_unknown_kind(digits_run):
+    result = Result("fancy", "custom", summary="a new kind", metrics={"score": 0.25, "per": [1, 2, 3]},
+                    tables={"t": [{"a": 1}, {"b": "<i>"}]})
+    page = render_audit(Audit(digits_run, [Section("custom", "fancy", "computed", result)], []))
+    assert 'id="custom-fancy"' in page and "a new kind" in page and "1, 2, 3" in page and "&lt;i&gt;" in page
+
+
+def test_cli_says_where_the_audit_is(audited, audit_json):
+    from xdl.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["audit", str(audited.run.path), "--only", "saliency", "-q"])
+    assert out.exit_code == 0, out.output
+    assert f"written to {audited.html_path}" in out.output and audited.html_path.resolve().as_uri() in out.output
+
+
+def test_cli_bad_selection_is_one_line_and_exit_2(audited, capsys):
+    from xdl.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", str(audited.run.path), "--skip", "nope"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"xdl: error: no analyzer called 'nope'; registered: {', '.join(p.name for p in xdl.analyzers.discover())}"
+    ]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK = textwrap.dedent("""
+    <script>
+    addEventListener("load", () => {
+      const imgs = [...document.images];
+      const out = document.createElement("pre");
+      out.id = "xdl-check";
+      out.textContent = JSON.stringify({
+        images: imgs.length,
+        decoded: imgs.every(i => i.complete && i.naturalWidth > 0),
+        scrollWidth: document.documentElement.scrollWidth,
+        innerWidth: window.innerWidth,
+      });
+      document.body.appendChild(out);
+    });
+    </script>
+""")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's chromium)")
+def test_page_renders_in_headless_chromium(html, tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text(html.replace("</body>", CHECK + "</body>"))
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--hide-scrollbars", "--window-size=1280,900", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=60,
+    ).stdout
+    found = re.search(r'<pre id="xdl-check">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert check["images"] >= 3 and check["decoded"], check
+    assert check["innerWidth"] == 1280 and check["scrollWidth"] <= check["innerWidth"], check

@@ -1,0 +1,398 @@
+"""``xdl audit``: every analyzer that applies to a run, gathered into one HTML page.
+
+The audit adds no analysis of its own. It runs each registered analyzer through
+:func:`xdl.api.analyze` — the same path ``xdl explain/attack/report`` take — with the
+analyzer's defaults, except for two choices of its own: an FGSM eps sweep on images and
+PGD at one eps. A result already saved in the run with exactly those parameters is
+reused. The Results go to :mod:`xdl.render`, which knows no analyzer by name, so a
+third-party analyzer gets its section the same way a built-in does.
+
+(This module is not ``xdl/audit.py`` on purpose: importing a submodule ``xdl.audit``
+would bind the name on the package and hide the public function ``xdl.audit``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from xdl.analyzers.base import Analyzer, Context, Result, parse_params
+from xdl.analyzers.registry import PluginInfo, discover, load_analyzer
+from xdl.errors import XdlError
+from xdl.io import _jsonable, atomic_write, write_json
+from xdl.run import Run
+
+# FGSM sweep for images, in pixel units of the [0, 1] input range: from no attack (the
+# clean accuracy, for reference) to 0.3, where small digit models are usually broken.
+FGSM_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3)
+DEFAULT_EPS = 0.1  # PGD's eps, the one the summary's robust accuracy is quoted at
+
+
+# -----------------------------------------------------------------------------------------
+# What an audit holds
+# -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One analyzer's part of the audit: its Result, or the error that stopped it."""
+
+    kind: str
+    method: str
+    status: str  # "computed" | "reused" | "failed"
+    result: Result | None = None
+    error: str = ""
+    traceback: str = ""  # for an unexpected exception (a bug, not bad input): where it came from
+    seconds: float = 0.0
+    samples: int | None = None  # how many samples the audit gave it (None: reused or whole split)
+    package: str = "xdl"
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.method}"
+
+    @property
+    def anchor(self) -> str:
+        return f"{self.kind}-{self.method}"
+
+
+@dataclass
+class Finding:
+    """One line of the summary on top: a headline number and where it comes from."""
+
+    label: str
+    value: str
+    detail: str = ""
+    source: str = ""  # the section key it was read from; empty for the run's own metrics
+    level: str = "info"  # "info" | "warn": a warn finding is drawn attention to
+
+
+@dataclass
+class Audit:
+    run: Run
+    sections: list[Section]
+    findings: list[Finding]
+    not_applicable: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    seconds: float = 0.0
+
+    @property
+    def html_path(self) -> Path:
+        return self.run.path / "audit.html"
+
+    @property
+    def json_path(self) -> Path:
+        return self.run.path / "audit.json"
+
+    @property
+    def failed(self) -> list[Section]:
+        return [s for s in self.sections if s.status == "failed"]
+
+    def header(self) -> dict[str, Any]:
+        """Model, data, training configuration, metrics and versions, from run.json."""
+        info = self.run.info
+        return {
+            "name": self.run.name,
+            "path": str(self.run.path.resolve()),
+            "model": info.get("model", {}),
+            "data": info.get("data", {}),
+            "dataset": info.get("dataset", {}),
+            "train": info.get("train", {}),
+            "metrics": info.get("metrics", {}),
+            "compute": info.get("compute") or {},
+            "versions": info.get("versions", {}),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The page's content without images: figures are paths relative to the run."""
+        sections = []
+        for s in self.sections:
+            entry: dict[str, Any] = {"kind": s.kind, "method": s.method, "package": s.package, "status": s.status,
+                                     "seconds": round(s.seconds, 3), "samples": s.samples}
+            if s.error:
+                entry["error"] = s.error
+            if s.traceback:
+                entry["traceback"] = s.traceback
+            if s.result is not None:
+                r = s.result
+                folder = r.path.resolve().relative_to(self.run.path.resolve()) if r.path else None
+                entry.update(
+                    path=str(folder) if folder else None, summary=r.summary, metrics=r.metrics, params=r.params,
+                    warnings=r.warnings, tables=r.tables,
+                    figures=[str(folder / f"{name}.png") if folder else f"{name}.png" for name in r.figures],
+                )
+            sections.append(entry)
+        return {
+            "created": self.created,
+            "seconds": round(self.seconds, 3),
+            "run": self.header(),
+            "settings": self.settings,
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+            "not_applicable": self.not_applicable,
+            "sections": sections,
+        }
+
+
+# -----------------------------------------------------------------------------------------
+# Running it
+# -----------------------------------------------------------------------------------------
+
+
+def audit(
+    run: Run | str | Path,
+    *,
+    only: list[str] | None = None,
+    skip: list[str] | None = None,
+    samples: int | None = None,
+    recompute: bool = False,
+    eps: float = DEFAULT_EPS,
+    device: str = "auto",
+    progress: bool = True,
+) -> Audit:
+    """Run every applicable analyzer on ``run`` and write RUN/audit.html and RUN/audit.json.
+
+    ``only``/``skip`` take method names (``ig``) or kind/method (``explain/ig``);
+    ``samples`` caps how many samples any analyzer gets; ``recompute`` ignores saved
+    results. An analyzer that fails becomes a failed section, not a failed audit.
+    """
+    from xdl.device import resolve_device
+
+    started = time.perf_counter()
+    run = run if isinstance(run, Run) else Run(run)
+    if samples is not None and samples <= 0:
+        raise XdlError(f"--samples must be > 0, got {samples}")
+    if not eps > 0:
+        raise XdlError(f"--eps must be > 0, got {eps}")
+    resolve_device(device)  # a missing GPU is the user's error, before any analyzer fails on it
+    plugins = select(discover(), only, skip)
+    probe = _probe(run)
+    planned: list[tuple[PluginInfo, type[Analyzer] | None, str]] = []
+    not_applicable = []
+    for info in plugins:
+        try:
+            cls = load_analyzer(info.kind, info.name)
+        except XdlError as exc:  # a broken plugin is a failed section; the others still run
+            planned.append((info, None, str(exc)))
+            continue
+        if cls.applies(probe):
+            planned.append((info, cls, ""))
+        else:
+            not_applicable.append(f"{info.kind}/{info.name}")
+    sections = []
+    for info, cls, error in _progress(planned, progress):
+        if cls is None:
+            sections.append(Section(info.kind, info.name, "failed", error=error, package=info.package))
+            continue
+        section = _run_one(run, info, cls, samples=samples, recompute=recompute, eps=eps, device=device)
+        sections.append(section)
+        if progress:
+            _say(section)
+    result = Audit(
+        run=run, sections=sections, findings=findings(run, sections, eps), not_applicable=not_applicable,
+        settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
+                  "fgsm_sweep": list(FGSM_SWEEP), "device": device},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    result.seconds = time.perf_counter() - started
+    write(result)
+    return result
+
+
+def write(audit: Audit) -> None:
+    """Write audit.json and audit.html, each atomically (a reader never sees half a page)."""
+    from xdl.render import render_audit
+
+    write_json(audit.json_path, audit.to_json())
+    atomic_write(audit.html_path, render_audit(audit))
+
+
+def select(plugins: list[PluginInfo], only: list[str] | None, skip: list[str] | None) -> list[PluginInfo]:
+    """The analyzers --only/--skip leave; a name that matches no analyzer is the user's error."""
+
+    def matches(info: PluginInfo, name: str) -> bool:
+        return name in (info.name, f"{info.kind}/{info.name}", info.kind)
+
+    for name in [*(only or []), *(skip or [])]:
+        if not any(matches(p, name) for p in plugins):
+            known = ", ".join(p.name for p in plugins) or "none installed"
+            raise XdlError(f"no analyzer called {name!r}; registered: {known}")
+    chosen = [p for p in plugins if not only or any(matches(p, n) for n in only)]
+    return [p for p in chosen if not any(matches(p, n) for n in skip or [])]
+
+
+def audit_params(kind: str, method: str, data_kind: str, eps: float) -> dict[str, str]:
+    """The audit's own choices on top of an analyzer's defaults (strings, as --param gives them)."""
+    if kind == "attack" and method == "fgsm" and data_kind == "image":
+        return {"eps": ",".join(map(str, FGSM_SWEEP))}
+    if kind == "attack" and method == "pgd":
+        return {"eps": str(eps)}
+    return {}
+
+
+def _probe(run: Run) -> Context:
+    """A Context over the whole test split, for ``Analyzer.applies`` (which may inspect model or data)."""
+    data = run.data
+    test = data.test
+    return Context(
+        model=run.model, x=test.x, y=test.y, kind=data.kind, class_names=data.class_names,
+        feature_names=data.feature_names, encoding=data.encoding, groups=test.groups, data=data, run=run,
+    )
+
+
+def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | None, recompute: bool,
+             eps: float, device: str) -> Section:
+    from xdl.api import analyze
+
+    started = time.perf_counter()
+    overrides = audit_params(info.kind, info.name, run.data.kind, eps)
+    try:
+        wanted = _jsonish(dataclasses.asdict(parse_params(cls.Params, overrides)))
+        saved = _saved(run, info.kind, info.name, wanted)
+        if saved is not None and not recompute:
+            result = Result.load(saved)
+            return Section(info.kind, info.name, "reused", result, seconds=time.perf_counter() - started,
+                           package=info.package)
+        count = cls.samples if samples is None else min(samples, cls.samples or samples)
+        out = saved or run.result_dir(info.kind, info.name)
+        result = analyze(info.kind, run, info.name, samples=count, params=overrides, device=device, out=out)
+    except Exception as exc:  # recorded in the page and audit.json; one analyzer's failure ends only its section
+        user_error = isinstance(exc, XdlError)
+        return Section(info.kind, info.name, "failed", error=str(exc) if user_error else f"{type(exc).__name__}: {exc}",
+                       traceback="" if user_error else traceback.format_exc(),
+                       seconds=time.perf_counter() - started, package=info.package)
+    return Section(info.kind, info.name, "computed", result, seconds=time.perf_counter() - started,
+                   samples=count, package=info.package)
+
+
+def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any]) -> Path | None:
+    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) computed with ``wanted`` params."""
+    pattern = re.compile(rf"{re.escape(method)}(?:-(\d+))?")
+    found = []
+    for key, folder in run.results(kind).items():
+        match = pattern.fullmatch(key.partition("/")[2])
+        if match:
+            found.append((int(match.group(1) or 1), folder))
+    for _, folder in sorted(found, reverse=True):
+        params = json.loads((folder / "result.json").read_text(encoding="utf-8")).get("params", {})
+        if all(_jsonish(params.get(k)) == v for k, v in wanted.items()):
+            return folder
+    return None
+
+
+def _jsonish(value: Any) -> Any:
+    """The value as it reads back from result.json, so saved and wanted params compare equal."""
+    return json.loads(json.dumps(value, default=_jsonable))
+
+
+def _progress(items: list, enabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(items, disable=not enabled, unit="analyzer", file=sys.stderr, dynamic_ncols=True, leave=False)
+    for item in bar:
+        bar.set_description(f"audit {item[0].kind}/{item[0].name}")
+        yield item
+
+
+def _say(section: Section) -> None:
+    from tqdm.auto import tqdm
+
+    what = {"computed": f"{section.seconds:.1f}s", "reused": "reused"}.get(section.status, f"failed: {section.error}")
+    tqdm.write(f"  {section.key:<22} {what}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------------------
+# The summary of findings: known metric keys, read when present and left out otherwise
+# -----------------------------------------------------------------------------------------
+
+
+def findings(run: Run, sections: list[Section], eps: float) -> list[Finding]:
+    """Headline numbers from the run's metrics and the analyzers' Result.metrics."""
+    results = {s.key: s.result for s in sections if s.result is not None}
+    found = []
+    accuracy = run.metrics.get("test_accuracy")
+    if isinstance(accuracy, (int, float)):
+        found.append(Finding("Test accuracy", _pct(accuracy), f"{run.info['dataset']['sizes']['test']} test samples"))
+    found += [f for f in (extract(results, eps) for extract in FINDINGS) if f is not None]
+    return found
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _get(results: dict[str, Result], key: str, *names: str) -> Any:
+    """The first of ``names`` present in the metrics of section ``key`` (None when absent)."""
+    values = results[key].metrics if key in results else {}
+    for name in names:
+        if isinstance(values.get(name), (int, float, str)) and not isinstance(values.get(name), bool):
+            return values[name]
+    return None
+
+
+def _robust(results: dict[str, Result], eps: float) -> Finding | None:
+    """Robust accuracy at eps: PGD's, else the row of FGSM's sweep at that eps."""
+    for key in ("attack/pgd", "attack/fgsm"):
+        if key not in results:
+            continue
+        result = results[key]
+        rows = [m for m in (result.metrics, *result.tables.get("robustness", [])) if m.get("eps") == eps]
+        value = rows[0].get("robust_accuracy") if rows else None
+        if isinstance(value, (int, float)):
+            clean = result.metrics.get("clean_accuracy")
+            detail = f"{key.split('/')[1].upper()} at eps {eps:g}"
+            if isinstance(clean, (int, float)):
+                detail += f"; clean {_pct(clean)} on the same samples"
+            # Losing more than half the accuracy at the audit's eps is what a reader must not miss.
+            level = "warn" if isinstance(clean, (int, float)) and value < clean / 2 else "info"
+            return Finding(f"Robust accuracy (eps {eps:g})", _pct(value), detail, key, level)
+    return None
+
+
+def _worst_class(results: dict[str, Result], eps: float) -> Finding | None:
+    gap = _get(results, "report/bias", "worst_class_gap", "class_gap")
+    if gap is None:
+        return None
+    worst = _get(results, "report/bias", "worst_class")
+    detail = f"accuracy gap between the best and the worst class{f' ({worst})' if worst is not None else ''}"
+    return Finding("Worst-class gap", _pct(gap), detail, "report/bias", "warn" if gap > 0.1 else "info")
+
+
+def _worst_group(results: dict[str, Result], eps: float) -> Finding | None:
+    gap = _get(results, "report/bias", "worst_group_gap", "group_gap", "accuracy_difference")
+    if gap is None:
+        return None
+    worst = _get(results, "report/bias", "worst_group")
+    detail = f"accuracy gap between groups{f'; worst: {worst}' if worst is not None else ''}"
+    return Finding("Worst-group gap", _pct(gap), detail, "report/bias", "warn" if gap > 0.05 else "info")
+
+
+def _overfit(results: dict[str, Result], eps: float) -> Finding | None:
+    diagnosis = _get(results, "report/overfit", "diagnosis")
+    if diagnosis is None:
+        return None
+    gap = _get(results, "report/overfit", "generalization_gap", "gap")
+    detail = f"train − test accuracy {_pct(gap)}" if isinstance(gap, (int, float)) else ""
+    return Finding("Overfitting", str(diagnosis), detail, "report/overfit",
+                   "info" if str(diagnosis).lower() in ("ok", "healthy", "good fit", "none") else "warn")
+
+
+def _ece(results: dict[str, Result], eps: float) -> Finding | None:
+    ece = _get(results, "report/calibration", "ece")
+    if ece is None:
+        return None
+    after = _get(results, "report/calibration", "ece_after", "ece_temperature_scaled")
+    detail = "expected calibration error" + (f"; {after:.3f} after temperature scaling" if after is not None else "")
+    return Finding("Calibration (ECE)", f"{ece:.3f}", detail, "report/calibration", "warn" if ece > 0.1 else "info")
+
+
+# Order on the page. Each reads only keys it knows and returns None when they are absent.
+FINDINGS = (_robust, _worst_class, _worst_group, _overfit, _ece)

@@ -1,0 +1,31 @@
+"""``xdl audit RUN``: parse flags, call :func:`xdl.api.audit`, say where the page is."""
+
+from __future__ import annotations
+
+import click
+
+from xdl.cli.options import csv_strs
+
+
+@click.command("audit")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--only", callback=csv_strs, help="run only these analyzers: names, kind/name or a kind, comma-separated")
+@click.option("--skip", callback=csv_strs, help="leave these analyzers out (same forms as --only)")
+@click.option("--samples", "-n", type=click.IntRange(min=1), help="at most this many samples per analyzer (default: each analyzer's own)")
+@click.option("--recompute", is_flag=True, help="recompute results already saved in RUN instead of reusing them")
+@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="PGD's eps, at which the summary quotes robust accuracy (input units; images are in [0, 1])")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--quiet", "-q", is_flag=True, help="no progress display")
+def command(run, only, skip, samples, recompute, eps, device, quiet) -> None:
+    """Run every analyzer that applies to RUN and write RUN/audit.html and RUN/audit.json."""
+    from xdl.api import audit
+
+    result = audit(run, only=only, skip=skip, samples=samples, recompute=recompute, eps=eps, device=device,
+                   progress=not quiet)
+    for section in result.failed:
+        click.echo(f"warning: {section.key} failed: {section.error}", err=True)
+    done = len(result.sections) - len(result.failed)
+    click.echo(f"audit of {done}/{len(result.sections)} analyzers written to {result.html_path} "
+               f"(and {result.json_path.name}) in {result.seconds:.0f}s")
+    click.echo(f"open it in a browser: {result.html_path.resolve().as_uri()}")
