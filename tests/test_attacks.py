@@ -13,6 +13,7 @@ import xdl
 from xdl import robust
 from xdl.analyzers.registry import names
 from xdl.cli.main import main as xdl_main
+from xdl.testing import check_analyzer
 
 
 def linear_model() -> nn.Module:
@@ -70,6 +71,14 @@ def test_training_attack_keeps_train_mode_and_accumulates_no_gradients():
     adv = attack(model, data.train.x[:8], data.train.y[:8])
     assert model.training and all(p.grad is None for p in model.parameters())
     assert (adv - data.train.x[:8]).abs().max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("method, params", [("fgsm", {"eps": 0.1}), ("pgd", {"eps": [0, 0.1], "steps": 3})])
+def test_attacks_pass_the_analyzer_contract(method, params):
+    from xdl.analyzers.registry import load_analyzer
+
+    results = check_analyzer(load_analyzer("attack", method), params)
+    assert set(results) == {"image", "tabular"}
 
 
 @pytest.fixture(scope="module")
