@@ -10,6 +10,7 @@ from torch import nn
 
 from xdl import checkpoint
 from xdl import distributed
+from xdl.compute import compute_card, reset_peak_memory
 from xdl.data import load_data
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
@@ -80,10 +81,15 @@ def train(
         distributed.barrier(world)  # every rank has checked ``out`` before rank 0 writes there
         if world.main:
             checkpoint.save_config(out / checkpoint.FOLDER, {"model": mcfg, "data": splits.spec, "train": config_dict(cfg)})
+    device = distributed.local_device(cfg.device, world)
+    reset_peak_memory(device)
     started = time.perf_counter()
     history = fit(net, splits, cfg, log=log, progress=not quiet, checkpoint_dir=out / checkpoint.FOLDER, resume=resume)
     seconds = time.perf_counter() - started
-    metrics = final_metrics(net, splits, distributed.local_device(cfg.device, world))
+    # Epoch times, not this call's wall time: a resumed run's history holds every session's epochs.
+    epoch_seconds = sum(row["seconds"] for row in history)
+    card = compute_card(net, splits.train.x[:2], epoch_seconds, len(history) * len(splits.train), device, world.size)
+    metrics = final_metrics(net, splits, device)
     metrics["train_seconds"] = seconds
     metrics["epochs_run"] = len(history)
     if not world.main:
@@ -91,7 +97,7 @@ def train(
         return None
     if force:
         clear_run(out)
-    run = save_run(out, net.cpu(), splits, mcfg, config_dict(cfg), history, metrics)
+    run = save_run(out, net.cpu(), splits, mcfg, config_dict(cfg), history, metrics, extra={"compute": card})
     log(
         f"test accuracy {metrics['test_accuracy']:.4f} after {len(history)} epochs in {seconds:.1f}s; "
         f"run saved to {out}"

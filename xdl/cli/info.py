@@ -1,4 +1,4 @@
-"""``xdl info RUN``: the run's configuration and metrics in the terminal."""
+"""``xdl info RUN``: the run's configuration, metrics and compute card in the terminal."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import click
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print run.json as it is")
 def command(run: str, as_json: bool) -> None:
-    """Print a run's model, data, training configuration and final metrics."""
+    """Print a run's model, data, training configuration, final metrics and compute card."""
+    from xdl.compute import format_card
     from xdl.run import Run
 
     r = Run(run)
@@ -25,3 +26,7 @@ def command(run: str, as_json: bool) -> None:
     click.echo(f"training   {json.dumps(info['train'])}")
     for key, value in info.get("metrics", {}).items():
         click.echo(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")
+    card = info.get("compute")
+    click.echo("compute card" if card else "compute card: not recorded (run trained before xdl kept one)")
+    for line in format_card(card) if card else []:
+        click.echo(f"  {line}")

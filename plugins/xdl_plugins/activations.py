@@ -1,0 +1,182 @@
+"""What each layer computes: feature maps, activation statistics, dead units, first filters.
+
+Forward hooks on every Conv2d, Linear and activation layer (or the ``layers`` named)
+capture the outputs. Statistics stream over the whole test split batch by batch, reduced
+inside the hook, so memory stays bounded by one batch; the feature maps are drawn for the
+selected samples only.
+
+A unit is dead when it is never positive on any test sample: a ReLU's output unit for
+dense layers, a whole channel (at every position) for convolutions. Dead units pass no
+gradient, so they never recover — many of them is a sign of a too-high learning rate.
+
+    >>> result = xdl.explain(model, "activations", x=images[:4])   # doctest: +SKIP
+    >>> result.tables["layers"][0]["dead_fraction"]                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from xdl.analyzers.base import Analyzer, Context, Result
+from xdl.errors import XdlError
+from xdl.plotting import image_grid
+
+# Units are "dead" only where the nonlinearity zeroes negatives; a Tanh unit is never dead.
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+# At most this many samples' feature maps per figure: rows beyond it would be unreadable.
+MAX_ROWS = 8
+
+
+@dataclass
+class Params:
+    layers: list[str] = field(default_factory=list)  # layer names; empty: every conv/linear/activation layer
+    channels: int = 16  # strongest channels drawn per conv layer
+    dead_warning: float = 0.5  # flag layers with more dead units than this fraction
+
+    def __post_init__(self) -> None:
+        if self.channels <= 0:
+            raise ValueError(f"channels must be > 0, got {self.channels}")
+        if not 0 <= self.dead_warning <= 1:
+            raise ValueError(f"dead_warning must be in [0, 1], got {self.dead_warning}")
+
+
+def watched(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The named layers, or by default every Conv2d, Linear and torch activation module."""
+    modules = dict(model.named_modules())
+    if names:
+        missing = [n for n in names if n not in modules or n == ""]
+        if missing:
+            valid = ", ".join(n for n in modules if n)
+            raise XdlError(f"layer {missing[0]!r} does not exist in this model; valid layer names: {valid}")
+        return {n: modules[n] for n in names}
+    return {
+        n: m for n, m in modules.items()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+        or (type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention))
+    }
+
+
+@contextlib.contextmanager
+def hooked(layers: dict[str, nn.Module], on_output: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``on_output(name, output)`` after each layer's forward; the hooks go away on exit."""
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: on_output(name, out) if torch.is_tensor(out) else None)
+        for name, m in layers.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Stats:
+    """Running mean/std of a layer's outputs and, per unit, whether it was ever positive."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        # Sums stay on the device (no sync per batch) and in float64 (no drift over a split).
+        self.total: torch.Tensor | float = 0.0
+        self.squares: torch.Tensor | float = 0.0
+        self.alive: torch.Tensor | None = None
+        self.shape: list[int] = []
+
+    def update(self, out: torch.Tensor) -> None:
+        out = out.detach()
+        self.shape = list(out.shape[1:])
+        self.count += out.numel()
+        self.total = self.total + out.sum(dtype=torch.float64)
+        self.squares = self.squares + out.double().square().sum()
+        # Units: channels of an N×C×H×W map, else the last (feature) axis.
+        units = out.movedim(1, -1) if out.dim() == 4 else out
+        alive = (units.reshape(-1, units.shape[-1]) > 0).any(0)
+        self.alive = alive if self.alive is None else self.alive | alive
+
+    def row(self, name: str, module: nn.Module) -> dict:
+        mean = float(self.total) / max(self.count, 1)
+        var = max(float(self.squares) / max(self.count, 1) - mean**2, 0.0)
+        rectifier = isinstance(module, RECTIFIERS)
+        return {
+            "layer": name,
+            "type": type(module).__name__,
+            "shape": self.shape,
+            "mean": mean,
+            "std": var**0.5,
+            "units": 0 if self.alive is None else int(self.alive.numel()),
+            "dead_fraction": float((~self.alive).float().mean()) if rectifier and self.alive is not None else None,
+        }
+
+
+class Activations(Analyzer):
+    kind = "explain"
+    Params = Params
+    samples = 4
+    description = "feature maps, per-layer activation statistics, dead ReLU units, first-layer filters"
+
+    def run(self, ctx: Context, params: Params) -> Result:
+        layers = watched(ctx.model, params.layers)
+        convs = {n for n, m in layers.items() if isinstance(m, nn.Conv2d)}
+        result = self.result()
+
+        # Feature maps of the selected samples.
+        maps: dict[str, torch.Tensor] = {}
+        with hooked({n: layers[n] for n in convs}, lambda name, out: maps.__setitem__(name, out.detach().cpu().clone())), torch.no_grad():
+            ctx.model(ctx.x[:MAX_ROWS].to(ctx.device))
+        for name, fmap in maps.items():
+            strongest = fmap.mean((0, 2, 3)).argsort(descending=True)[: params.channels]
+            chosen = fmap[:, strongest]
+            result.arrays[f"maps/{name}"] = chosen.numpy()
+            result.arrays[f"channels/{name}"] = strongest.numpy()
+            titles = [f"channel {int(c)}" for c in strongest]  # the first row names each column
+            result.add_figure(f"maps_{name}", image_grid(_unit_range(chosen.flatten(0, 1)), titles, ncols=len(strongest)))
+        if len(ctx.x) > MAX_ROWS and maps:
+            result.warnings.append(f"feature maps show the first {MAX_ROWS} of {len(ctx.x)} samples")
+
+        # Statistics over the whole test split (the samples themselves when there is no split).
+        x = ctx.data.test.x if ctx.data is not None else ctx.x
+        stats = {name: Stats() for name in layers}
+        with hooked(layers, lambda name, out: stats[name].update(out)), torch.no_grad():
+            for batch in ctx.batches(len(x)):
+                ctx.model(x[batch].to(ctx.device))
+        rows = [stats[name].row(name, module) for name, module in layers.items()]
+        result.tables["layers"] = rows
+        for row in rows:
+            if row["dead_fraction"] is not None and row["dead_fraction"] > params.dead_warning:
+                result.warnings.append(
+                    f"layer {row['layer']} ({row['type']}): {row['dead_fraction']:.0%} of its {row['units']} units "
+                    f"are never positive on {len(x)} samples (dead)"
+                )
+
+        first = next((m for m in ctx.model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None:
+            filters = first.weight.detach().cpu()
+            result.arrays["filters"] = filters.numpy()
+            result.add_figure("filters", image_grid(_unit_range(filters), ncols=8))
+        dead = [r["dead_fraction"] for r in rows if r["dead_fraction"] is not None]
+        result.metrics = {
+            "layers": len(rows),
+            "conv_layers": len(maps),
+            "samples_for_statistics": len(x),
+            "max_dead_fraction": max(dead) if dead else None,
+            "filters": "first conv layer" if first is not None else "none: the model has no Conv2d layer",
+        }
+        no_conv = "" if first is not None else "; no feature maps or filters, as the model has no conv layer"
+        result.summary = (
+            f"activation statistics of {len(rows)} layers over {len(x)} samples"
+            + (f", worst dead-unit fraction {max(dead):.0%}" if dead else "")
+            + no_conv
+        )
+        return result
+
+
+def _unit_range(images: torch.Tensor) -> np.ndarray:
+    """Scale each image (map or filter) to [0, 1] on its own, so weak channels stay visible."""
+    flat = images.flatten(1).float()
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-12)).reshape(images.shape).numpy()
