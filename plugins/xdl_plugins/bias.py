@@ -161,10 +161,9 @@ def _per_group(
     overall = MetricFrame(metrics={"count": count, "accuracy": accuracy_score}, y_true=y_true, y_pred=y_pred,
                           sensitive_features=labels).by_group
     small = overall[overall["count"] < SMALL_GROUP]
-    for group, row in small.iterrows():
-        result.warnings.append(
-            f"group {group!r} of {column!r} has {int(row['count'])} member{'s' * (row['count'] != 1)}: its rates are unreliable"
-        )
+    for group, size in small["count"].astype(int).items():
+        members = "1 member" if size == 1 else f"{size} members"
+        result.warnings.append(f"group {group!r} of {column!r} has {members}: its rates are unreliable")
     # Binary: the positive class (index 1); multiclass: every class one-vs-rest.
     classes = [1] if ctx.num_classes == 2 else list(range(ctx.num_classes))
     rates = {"selection_rate": partial(selection_rate, pos_label=1), "tpr": partial(true_positive_rate, pos_label=1),
