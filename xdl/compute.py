@@ -109,11 +109,12 @@ def assumed_power(device: torch.device) -> tuple[float, str]:
 
 def _nvidia_power_limit(device: torch.device) -> float | None:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    # The UUID names the same GPU whatever CUDA_VISIBLE_DEVICES renumbered.
-    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    # The UUID names the same GPU whatever CUDA_VISIBLE_DEVICES renumbered (torch ≥ 2.4 has it).
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=power.limit", "--format=csv,noheader,nounits", "-i", f"GPU-{uuid}"],
+            ["nvidia-smi", "--query-gpu=power.limit", "--format=csv,noheader,nounits",
+             "-i", f"GPU-{uuid}" if uuid else str(index)],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout
         return float(out.strip().splitlines()[0])

@@ -9,8 +9,11 @@ A unit is dead when it is never positive on any test sample: a ReLU's output uni
 dense layers, a whole channel (at every position) for convolutions. Dead units pass no
 gradient, so they never recover — many of them is a sign of a too-high learning rate.
 
-    >>> result = xdl.explain(model, "activations", x=images[:4])   # doctest: +SKIP
-    >>> result.tables["layers"][0]["dead_fraction"]                 # doctest: +SKIP
+On a bare model there is no test split: the statistics cover the samples analyzed, so
+pass ``samples=None`` to use all of ``x`` (the default picks the first 4, for the maps).
+
+    >>> result = xdl.explain(model, "activations", x=x_test, samples=None)   # doctest: +SKIP
+    >>> result.tables["layers"][1]["dead_fraction"]                          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -80,27 +83,29 @@ class Stats:
     """Running mean/std of a layer's outputs and, per unit, whether it was ever positive."""
 
     def __init__(self) -> None:
-        self.count = 0
-        # Sums stay on the device (no sync per batch) and in float64 (no drift over a split).
-        self.total: torch.Tensor | float = 0.0
-        self.squares: torch.Tensor | float = 0.0
+        # Per batch: element count, mean and variance, kept on the device (no sync per batch)
+        # and combined at the end in float64 (MPS has no float64; this needs none there).
+        self.counts: list[int] = []
+        self.moments: list[torch.Tensor] = []
         self.alive: torch.Tensor | None = None
         self.shape: list[int] = []
 
     def update(self, out: torch.Tensor) -> None:
-        out = out.detach()
+        out = out.detach().float()
         self.shape = list(out.shape[1:])
-        self.count += out.numel()
-        self.total = self.total + out.sum(dtype=torch.float64)
-        self.squares = self.squares + out.double().square().sum()
+        self.counts.append(out.numel())
+        self.moments.append(torch.stack(torch.var_mean(out, correction=0)[::-1]))
         # Units: channels of an N×C×H×W map, else the last (feature) axis.
         units = out.movedim(1, -1) if out.dim() == 4 else out
         alive = (units.reshape(-1, units.shape[-1]) > 0).any(0)
         self.alive = alive if self.alive is None else self.alive | alive
 
     def row(self, name: str, module: nn.Module) -> dict:
-        mean = float(self.total) / max(self.count, 1)
-        var = max(float(self.squares) / max(self.count, 1) - mean**2, 0.0)
+        n = torch.tensor(self.counts, dtype=torch.float64)
+        means, variances = torch.stack(self.moments).cpu().double().T
+        mean = float((n * means).sum() / n.sum())
+        # Chan et al.'s pooled variance: within-batch variance plus the spread of batch means.
+        var = float((n * (variances + (means - mean) ** 2)).sum() / n.sum())
         rectifier = isinstance(module, RECTIFIERS)
         return {
             "layer": name,
@@ -108,8 +113,8 @@ class Stats:
             "shape": self.shape,
             "mean": mean,
             "std": var**0.5,
-            "units": 0 if self.alive is None else int(self.alive.numel()),
-            "dead_fraction": float((~self.alive).float().mean()) if rectifier and self.alive is not None else None,
+            "units": int(self.alive.numel()),
+            "dead_fraction": float((~self.alive).float().mean()) if rectifier else None,
         }
 
 
@@ -144,8 +149,11 @@ class Activations(Analyzer):
         with hooked(layers, lambda name, out: stats[name].update(out)), torch.no_grad():
             for batch in ctx.batches(len(x)):
                 ctx.model(x[batch].to(ctx.device))
-        rows = [stats[name].row(name, module) for name, module in layers.items()]
+        rows = [stats[name].row(name, module) for name, module in layers.items() if stats[name].counts]
         result.tables["layers"] = rows
+        silent = [name for name in layers if not stats[name].counts]
+        if silent:
+            result.warnings.append(f"no statistics for layers {', '.join(silent)}: they gave no tensor output in a forward pass")
         for row in rows:
             if row["dead_fraction"] is not None and row["dead_fraction"] > params.dead_warning:
                 result.warnings.append(
