@@ -183,8 +183,8 @@ def explain_rows(ctx: Context, params: LimeParams, targets: torch.Tensor, result
         found = explainer.explain_instance(row, predict, labels=(target,), num_features=row.shape[0], num_samples=count)
         for feature, weight in found.as_map()[target]:
             weights[i, feature] = weight
-    names = ctx.encoding.original_names if ctx.encoding else ctx.feature_names
     columns = ctx.encoding.sum_to_columns(weights) if ctx.encoding else weights
+    names = ctx.encoding.original_names if ctx.encoding else ctx.feature_names or [f"x{i}" for i in range(weights.shape[1])]
     result.arrays.update(weights=weights, column_weights=columns, target=targets.numpy())
     result.tables["lime_columns"] = [
         {"column": n, "mean_weight": float(m), "mean_abs_weight": float(a)}

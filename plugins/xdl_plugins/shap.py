@@ -207,8 +207,8 @@ def tabular_outputs(ctx: Context, values: np.ndarray, base: np.ndarray, result: 
     import matplotlib.pyplot as plt
     import shap
 
-    names = ctx.encoding.original_names if ctx.encoding else ctx.feature_names
     columns = ctx.encoding.sum_to_columns(values) if ctx.encoding else values
+    names = ctx.encoding.original_names if ctx.encoding else ctx.feature_names or [f"x{i}" for i in range(values.shape[1])]
     result.arrays["shap_columns"] = columns
     result.tables["shap_columns"] = [
         {"column": n, "mean_abs_shap": float(v)} for n, v in zip(names, np.abs(columns).mean(0))
