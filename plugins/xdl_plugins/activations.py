@@ -131,7 +131,11 @@ class Activations(Analyzer):
 
         # Feature maps of the selected samples.
         maps: dict[str, torch.Tensor] = {}
-        with hooked({n: layers[n] for n in convs}, lambda name, out: maps.__setitem__(name, out.detach().cpu().clone())), torch.no_grad():
+
+        def keep(name: str, out: torch.Tensor) -> None:
+            maps[name] = out.detach().cpu().clone()  # a copy: an in-place ReLU would overwrite it
+
+        with hooked({n: layers[n] for n in convs}, keep), torch.no_grad():
             ctx.model(ctx.x[:MAX_ROWS].to(ctx.device))
         for name, fmap in maps.items():
             strongest = fmap.mean((0, 2, 3)).argsort(descending=True)[: params.channels]
