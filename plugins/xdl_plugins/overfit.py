@@ -79,9 +79,10 @@ class Overfit(Analyzer):
             )
         else:
             diagnosis = "fine"
-            evidence.append(
-                f"validation loss is within {rise:.0%} of its minimum and the accuracy gap is {gap:.3f}"
-            )
+            where = (f"the kept weights (epoch {epochs[kept]}, restored by early stopping) are at the validation minimum"
+                     if kept == best and kept != len(epochs) - 1
+                     else f"validation loss ends within {rise:.0%} of its minimum (epoch {epochs[best]})")
+            evidence.append(f"{where}; train−validation accuracy gap {gap:.3f}")
         suggestions = _suggestions(diagnosis, train_cfg, model_cfg, epochs[best], vl[best], vl[kept], best, kept, len(epochs))
 
         result = self.result()
