@@ -24,13 +24,21 @@ from xdl.render import render_audit
 # A third-party package, installed the way pip would leave it: a module and a dist-info
 # folder whose entry points register one analyzer that works and one that crashes.
 THIRD_PARTY = '''
+from dataclasses import dataclass
+
 import numpy as np
 from xdl.analyzers.base import Analyzer
+
+
+@dataclass
+class WideParams:
+    mode: str = "auto"
 
 
 class Wide(Analyzer):
     kind = "report"
     samples = 6
+    Params = WideParams
 
     def run(self, ctx, params):
         import matplotlib.pyplot as plt
@@ -42,6 +50,7 @@ class Wide(Analyzer):
         # 40 columns and one long unbroken word: the page must still fit a laptop screen.
         result.tables["wide"] = [{f"column_{i}": i * row for i in range(40)} for row in range(30)]
         result.warnings.append("x" * 400)
+        result.params["mode"] = "fast"  # what "auto" resolved to: the saved params differ from the asked ones
         return result
 
 
@@ -154,6 +163,13 @@ def test_saved_results_are_reused_unless_recompute(audited, audit_json):
     assert pgd.stat().st_mtime_ns != before and not (run.path / "attack" / "pgd-3").exists()
 
 
+def test_a_result_whose_params_were_resolved_is_reused_through_audit_json(audited, audit_json, third_party):
+    # The fixture's audit asked Wide for mode=auto and saved mode=fast; it recorded both.
+    assert json.loads((audited.run.path / "report" / "wide" / "result.json").read_text())["params"] == {"mode": "fast"}
+    again = xdl.audit(audited.run, only=["wide"], progress=False)
+    assert again.sections[0].status == "reused" and not (audited.run.path / "report" / "wide-2").exists()
+
+
 def test_only_and_skip_choose_analyzers():
     plugins = [PluginInfo(n, k, "", "xdl", "0") for k, n in [("explain", "ig"), ("explain", "shap"), ("attack", "pgd")]]
     assert [p.name for p in select(plugins, ["explain"], ["shap"])] == ["ig"]
@@ -168,8 +184,32 @@ def test_findings_read_known_keys_and_skip_missing(digits_run):
     sections = [Section("attack", "fgsm", "computed", fgsm), Section("report", "bias", "failed", error="no groups")]
     found = findings(digits_run, sections, eps=0.1)
     assert [f.label for f in found] == ["Test accuracy", "Robust accuracy (eps 0.1)"]
+    assert found[0].value == f"{100 * digits_run.metrics['test_accuracy']:.1f}%"
     assert found[1].value == "40.0%" and found[1].level == "warn" and found[1].source == "attack/fgsm"
     assert [f.label for f in findings(digits_run, sections, eps=0.2)] == ["Test accuracy"]
+
+
+def test_findings_match_the_report_analyzers_keys(digits_run):
+    # The keys bias, overfit and calibration write (plugins/xdl_plugins/*.py).
+    worst = {"class": "yes", "demographic_parity_difference": 0.25, "disparate_impact": 0.6, "flagged": True}
+    results = [
+        Result("pgd", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.6, "eps": 0.1}),
+        Result("bias", "report", metrics={"worst_class": "8", "worst_class_f1": 0.8, "worst_class_gap": 0.15,
+                                          "groups": {"sex": {"groups": 2, "worst": worst}}}),
+        Result("overfit", "report", metrics={"diagnosis": "overfitting", "generalization_gap": {"accuracy": 0.12}}),
+        Result("calibration", "report", metrics={"ece": 0.042, "ece_scaled": 0.011}),
+    ]
+    found = findings(digits_run, [Section(r.kind, r.method, "computed", r) for r in results], eps=0.1)
+    got = {f.label: (f.value, f.level) for f in found}
+    assert got == {
+        "Test accuracy": (f"{100 * digits_run.metrics['test_accuracy']:.1f}%", "info"),
+        "Robust accuracy (eps 0.1)": ("60.0%", "info"),
+        "Worst-class gap": ("0.15", "warn"),
+        "Worst-group gap (sex)": ("0.25", "warn"),
+        "Overfitting": ("overfitting", "warn"),
+        "Calibration (ECE)": ("0.042", "info"),
+    }
+    assert "disparate impact 0.60 (below 4/5)" in found[3].detail and "0.011 after temperature" in found[5].detail
 
 
 def test_render_any_result_from_an_unknown_kind(digits_run):

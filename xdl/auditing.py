@@ -52,7 +52,9 @@ class Section:
     error: str = ""
     traceback: str = ""  # for an unexpected exception (a bug, not bad input): where it came from
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time, all threads: what a busy machine does not inflate
     samples: int | None = None  # how many samples the audit gave it (None: reused or whole split)
+    requested: dict[str, Any] = field(default_factory=dict)  # the params the audit asked for
     package: str = "xdl"
 
     @property
@@ -82,6 +84,8 @@ class Audit:
     findings: list[Finding]
     not_applicable: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    # result folder → the params an audit asked for and the params saved there, for reuse
+    requested: dict[str, dict] = field(default_factory=dict)
     created: str = ""
     seconds: float = 0.0
 
@@ -117,7 +121,8 @@ class Audit:
         sections = []
         for s in self.sections:
             entry: dict[str, Any] = {"kind": s.kind, "method": s.method, "package": s.package, "status": s.status,
-                                     "seconds": round(s.seconds, 3), "samples": s.samples}
+                                     "seconds": round(s.seconds, 3), "cpu_seconds": round(s.cpu_seconds, 3),
+                                     "samples": s.samples}
             if s.error:
                 entry["error"] = s.error
             if s.traceback:
@@ -139,6 +144,7 @@ class Audit:
             "findings": [dataclasses.asdict(f) for f in self.findings],
             "not_applicable": self.not_applicable,
             "sections": sections,
+            "requested": self.requested,
         }
 
 
@@ -175,6 +181,7 @@ def audit(
     resolve_device(device)  # a missing GPU is the user's error, before any analyzer fails on it
     plugins = select(discover(), only, skip)
     probe = _probe(run)
+    earlier = _earlier(run)
     planned: list[tuple[PluginInfo, type[Analyzer] | None, str]] = []
     not_applicable = []
     for info in plugins:
@@ -192,7 +199,9 @@ def audit(
         if cls is None:
             sections.append(Section(info.kind, info.name, "failed", error=error, package=info.package))
             continue
-        section = _run_one(run, info, cls, samples=samples, recompute=recompute, eps=eps, device=device)
+        cpu = time.process_time()
+        section = _run_one(run, info, cls, earlier, samples=samples, recompute=recompute, eps=eps, device=device)
+        section.cpu_seconds = time.process_time() - cpu
         sections.append(section)
         if progress:
             _say(section)
@@ -200,6 +209,7 @@ def audit(
         run=run, sections=sections, findings=findings(run, sections, eps), not_applicable=not_applicable,
         settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
                   "fgsm_sweep": list(FGSM_SWEEP), "device": device},
+        requested=_requested(run, earlier, sections),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     result.seconds = time.perf_counter() - started
@@ -248,19 +258,19 @@ def _probe(run: Run) -> Context:
     )
 
 
-def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | None, recompute: bool,
-             eps: float, device: str) -> Section:
+def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str, dict], *, samples: int | None,
+             recompute: bool, eps: float, device: str) -> Section:
     from xdl.api import analyze
 
     started = time.perf_counter()
     overrides = audit_params(info.kind, info.name, run.data.kind, eps)
     try:
         wanted = _jsonish(dataclasses.asdict(parse_params(cls.Params, overrides)))
-        saved = _saved(run, info.kind, info.name, wanted)
+        saved = _saved(run, info.kind, info.name, wanted, earlier)
         if saved is not None and not recompute:
             result = Result.load(saved)
             return Section(info.kind, info.name, "reused", result, seconds=time.perf_counter() - started,
-                           package=info.package)
+                           package=info.package, requested=wanted)
         count = cls.samples if samples is None else min(samples, cls.samples or samples)
         out = saved or run.result_dir(info.kind, info.name)
         result = analyze(info.kind, run, info.name, samples=count, params=overrides, device=device, out=out)
@@ -270,11 +280,36 @@ def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | 
                        traceback="" if user_error else traceback.format_exc(),
                        seconds=time.perf_counter() - started, package=info.package)
     return Section(info.kind, info.name, "computed", result, seconds=time.perf_counter() - started,
-                   samples=count, package=info.package)
+                   samples=count, package=info.package, requested=wanted)
 
 
-def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any]) -> Path | None:
-    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) computed with ``wanted`` params."""
+def _earlier(run: Run) -> dict[str, dict]:
+    """What earlier audits asked of each result folder still there (relative to the run); {} without one."""
+    path = run.path / "audit.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8")).get("requested", {}) if path.is_file() else {}
+    except (ValueError, AttributeError):  # a damaged audit.json only costs recomputation; it is rewritten below
+        return {}
+    return {k: v for k, v in index.items() if isinstance(v, dict) and (run.path / k / "result.json").is_file()}
+
+
+def _requested(run: Run, earlier: dict[str, dict], sections: list[Section]) -> dict[str, dict]:
+    """``earlier`` updated with this audit's results: kept across audits that ran only some analyzers."""
+    index = dict(earlier)
+    for s in sections:
+        if s.result is not None and s.result.path is not None:
+            folder = str(s.result.path.resolve().relative_to(run.path.resolve()))
+            index[folder] = {"requested": s.requested, "params": _jsonish(s.result.params)}
+    return dict(sorted(index.items()))
+
+
+def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any], earlier: dict[str, dict]) -> Path | None:
+    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) computed with ``wanted`` params.
+
+    A result's own params may differ from what was asked (an analyzer records ``method:
+    auto`` as the method it chose), so a folder the last audit computed with ``wanted``
+    also counts, as long as its params are still the ones that audit saw.
+    """
     pattern = re.compile(rf"{re.escape(method)}(?:-(\d+))?")
     found = []
     for key, folder in run.results(kind).items():
@@ -282,8 +317,11 @@ def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any]) -> Path | N
         if match:
             found.append((int(match.group(1) or 1), folder))
     for _, folder in sorted(found, reverse=True):
-        params = json.loads((folder / "result.json").read_text(encoding="utf-8")).get("params", {})
-        if all(_jsonish(params.get(k)) == v for k, v in wanted.items()):
+        params = _jsonish(json.loads((folder / "result.json").read_text(encoding="utf-8")).get("params", {}))
+        if all(params.get(k) == v for k, v in wanted.items()):
+            return folder
+        entry = earlier.get(str(folder.relative_to(run.path)), {})
+        if entry.get("requested") == wanted and entry.get("params") == params:
             return folder
     return None
 
@@ -305,7 +343,7 @@ def _progress(items: list, enabled: bool):
 def _say(section: Section) -> None:
     from tqdm.auto import tqdm
 
-    what = {"computed": f"{section.seconds:.1f}s", "reused": "reused"}.get(section.status, f"failed: {section.error}")
+    what = {"computed": f"{section.seconds:.1f}s ({section.cpu_seconds:.1f}s CPU)", "reused": "reused"}.get(section.status, f"failed: {section.error}")
     tqdm.write(f"  {section.key:<22} {what}", file=sys.stderr)
 
 
@@ -319,26 +357,26 @@ def findings(run: Run, sections: list[Section], eps: float) -> list[Finding]:
     results = {s.key: s.result for s in sections if s.result is not None}
     found = []
     accuracy = run.metrics.get("test_accuracy")
-    if isinstance(accuracy, (int, float)):
+    if _number(accuracy):
         found.append(Finding("Test accuracy", _pct(accuracy), f"{run.info['dataset']['sizes']['test']} test samples"))
-    found += [f for f in (extract(results, eps) for extract in FINDINGS) if f is not None]
+    for extract in FINDINGS:
+        found += extract(results, eps)
     return found
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _get(results: dict[str, Result], key: str, *names: str) -> Any:
-    """The first of ``names`` present in the metrics of section ``key`` (None when absent)."""
-    values = results[key].metrics if key in results else {}
-    for name in names:
-        if isinstance(values.get(name), (int, float, str)) and not isinstance(values.get(name), bool):
-            return values[name]
-    return None
+def _metrics(results: dict[str, Result], key: str) -> dict[str, Any]:
+    return results[key].metrics if key in results else {}
 
 
-def _robust(results: dict[str, Result], eps: float) -> Finding | None:
+def _robust(results: dict[str, Result], eps: float) -> list[Finding]:
     """Robust accuracy at eps: PGD's, else the row of FGSM's sweep at that eps."""
     for key in ("attack/pgd", "attack/fgsm"):
         if key not in results:
@@ -346,53 +384,67 @@ def _robust(results: dict[str, Result], eps: float) -> Finding | None:
         result = results[key]
         rows = [m for m in (result.metrics, *result.tables.get("robustness", [])) if m.get("eps") == eps]
         value = rows[0].get("robust_accuracy") if rows else None
-        if isinstance(value, (int, float)):
+        if _number(value):
             clean = result.metrics.get("clean_accuracy")
             detail = f"{key.split('/')[1].upper()} at eps {eps:g}"
-            if isinstance(clean, (int, float)):
+            if _number(clean):
                 detail += f"; clean {_pct(clean)} on the same samples"
             # Losing more than half the accuracy at the audit's eps is what a reader must not miss.
-            level = "warn" if isinstance(clean, (int, float)) and value < clean / 2 else "info"
-            return Finding(f"Robust accuracy (eps {eps:g})", _pct(value), detail, key, level)
-    return None
+            level = "warn" if _number(clean) and value < clean / 2 else "info"
+            return [Finding(f"Robust accuracy (eps {eps:g})", _pct(value), detail, key, level)]
+    return []
 
 
-def _worst_class(results: dict[str, Result], eps: float) -> Finding | None:
-    gap = _get(results, "report/bias", "worst_class_gap", "class_gap")
-    if gap is None:
-        return None
-    worst = _get(results, "report/bias", "worst_class")
-    detail = f"accuracy gap between the best and the worst class{f' ({worst})' if worst is not None else ''}"
-    return Finding("Worst-class gap", _pct(gap), detail, "report/bias", "warn" if gap > 0.1 else "info")
+def _worst_class(results: dict[str, Result], eps: float) -> list[Finding]:
+    bias = _metrics(results, "report/bias")
+    gap, worst, f1 = bias.get("worst_class_gap"), bias.get("worst_class"), bias.get("worst_class_f1")
+    if not _number(gap):
+        return []
+    detail = "best − worst per-class F1" + (f"; worst: class {worst} (F1 {f1:.2f})" if _number(f1) else "")
+    return [Finding("Worst-class gap", f"{gap:.2f}", detail, "report/bias", "warn" if gap > 0.1 else "info")]
 
 
-def _worst_group(results: dict[str, Result], eps: float) -> Finding | None:
-    gap = _get(results, "report/bias", "worst_group_gap", "group_gap", "accuracy_difference")
-    if gap is None:
-        return None
-    worst = _get(results, "report/bias", "worst_group")
-    detail = f"accuracy gap between groups{f'; worst: {worst}' if worst is not None else ''}"
-    return Finding("Worst-group gap", _pct(gap), detail, "report/bias", "warn" if gap > 0.05 else "info")
+def _worst_group(results: dict[str, Result], eps: float) -> list[Finding]:
+    """Per sensitive column, the class with the lowest disparate impact; for images, the weakest segment."""
+    bias = _metrics(results, "report/bias")
+    found = []
+    for column, stats in (bias.get("groups") or {}).items():
+        worst = stats.get("worst", {}) if isinstance(stats, dict) else {}
+        difference, impact = worst.get("demographic_parity_difference"), worst.get("disparate_impact")
+        if not _number(difference):
+            continue
+        detail = f"demographic parity difference, class {worst.get('class')}"
+        if _number(impact):
+            # The four-fifths rule (EEOC): a selection-rate ratio below 0.8 indicates adverse impact.
+            detail += f"; disparate impact {impact:.2f}" + (" (below 4/5)" if impact < 0.8 else "")
+        found.append(Finding(f"Worst-group gap ({column})", f"{difference:.2f}", detail, "report/bias",
+                             "warn" if worst.get("flagged") else "info"))
+    segment = bias.get("weakest_segment")
+    if not found and isinstance(segment, dict) and _number(segment.get("accuracy")):
+        detail = f"{segment.get('property')} {segment.get('segment')}, {segment.get('count')} images"
+        found.append(Finding("Weakest image segment", _pct(segment["accuracy"]), detail, "report/bias"))
+    return found
 
 
-def _overfit(results: dict[str, Result], eps: float) -> Finding | None:
-    diagnosis = _get(results, "report/overfit", "diagnosis")
-    if diagnosis is None:
-        return None
-    gap = _get(results, "report/overfit", "generalization_gap", "gap")
-    detail = f"train − test accuracy {_pct(gap)}" if isinstance(gap, (int, float)) else ""
-    return Finding("Overfitting", str(diagnosis), detail, "report/overfit",
-                   "info" if str(diagnosis).lower() in ("ok", "healthy", "good fit", "none") else "warn")
+def _overfit(results: dict[str, Result], eps: float) -> list[Finding]:
+    report = _metrics(results, "report/overfit")
+    diagnosis = report.get("diagnosis")
+    if not isinstance(diagnosis, str):
+        return []
+    gap = (report.get("generalization_gap") or {}).get("accuracy")
+    detail = f"train − validation accuracy {_pct(gap)}" if _number(gap) else ""
+    return [Finding("Overfitting", diagnosis, detail, "report/overfit", "info" if diagnosis == "fine" else "warn")]
 
 
-def _ece(results: dict[str, Result], eps: float) -> Finding | None:
-    ece = _get(results, "report/calibration", "ece")
-    if ece is None:
-        return None
-    after = _get(results, "report/calibration", "ece_after", "ece_temperature_scaled")
-    detail = "expected calibration error" + (f"; {after:.3f} after temperature scaling" if after is not None else "")
-    return Finding("Calibration (ECE)", f"{ece:.3f}", detail, "report/calibration", "warn" if ece > 0.1 else "info")
+def _ece(results: dict[str, Result], eps: float) -> list[Finding]:
+    report = _metrics(results, "report/calibration")
+    ece = report.get("ece")
+    if not _number(ece):
+        return []
+    after = report.get("ece_scaled")
+    detail = "expected calibration error" + (f"; {after:.3f} after temperature scaling" if _number(after) else "")
+    return [Finding("Calibration (ECE)", f"{ece:.3f}", detail, "report/calibration", "warn" if ece > 0.1 else "info")]
 
 
-# Order on the page. Each reads only keys it knows and returns None when they are absent.
+# Order on the page. Each reads only the metric keys it knows and finds nothing when they are absent.
 FINDINGS = (_robust, _worst_class, _worst_group, _overfit, _ece)
