@@ -14,10 +14,13 @@ Everything here is small enough to run in well under a second per analyzer on a 
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import json
+import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,7 @@ from torch import nn
 
 from xdl.analyzers.base import Analyzer, Context, Result, analyze, hook_count
 from xdl.data.types import DataSplits
+from xdl.run import Run
 
 # Rows of the tiny image data (sklearn's 8×8 digits) and of the tiny table: enough for a
 # few epochs to learn something, few enough to train in a fraction of a second.
@@ -75,43 +79,55 @@ def tiny_data(kind: str = "image") -> DataSplits:
 
 
 @functools.lru_cache(maxsize=None)
-def _trained(kind: str, seed: int) -> nn.Module:
-    """A few epochs of real training, so predictions (and so targets) are not all one class."""
+def tiny_run(kind: str = "image", seed: int = 0) -> Run:
+    """A tiny trained run directory (in a temporary folder, removed when Python exits).
+
+    A few epochs of real training, so predictions (and so targets) are not all one class,
+    and a real history.csv and metrics for the reports that read them. Shared between
+    calls: analyze copies of ``run.model`` (as :func:`tiny_context` does), not the model itself.
+    """
+    from xdl.api import final_metrics
     from xdl.models import build_model, model_config, set_normalization
-    from xdl.training import TrainConfig, fit
+    from xdl.run import save_run
+    from xdl.training import TrainConfig, config_dict, fit
 
     data = tiny_data(kind)
     # BatchNorm and dropout make train and eval mode differ, which the contract checks.
     options = {"channels": [4, 8], "hidden": 16} if kind == "image" else {"hidden": [16]}
     config = model_config("auto", kind, dropout=0.25, batch_norm=True, **options)
+    train = TrainConfig(epochs=3, batch_size=32, device="cpu", seed=seed)
     torch.manual_seed(seed)
     model = build_model(config, data.input_shape, data.num_classes)
     set_normalization(model, data.train.x)
-    fit(model, data, TrainConfig(epochs=3, batch_size=32, device="cpu", seed=seed), log=lambda line: None, progress=False)
-    return model.eval()
+    history = fit(model, data, train, log=lambda line: None, progress=False)
+    folder = Path(tempfile.mkdtemp(prefix=f"xdl-tiny-{kind}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    run = save_run(folder, model, data, config, config_dict(train), history, final_metrics(model, data, torch.device("cpu")))
+    run.data = data  # the tiny table exists only in memory: hand the run its splits
+    return run
 
 
 def tiny_image_model(seed: int = 0) -> nn.Module:
     """A small trained CNN (conv, BatchNorm, dropout) for 1×8×8 digits, 10 classes, in eval mode."""
-    return copy.deepcopy(_trained("image", seed))
+    return copy.deepcopy(tiny_run("image", seed).model)
 
 
 def tiny_tabular_model(seed: int = 0) -> nn.Module:
     """A small trained MLP (BatchNorm, dropout) for the tiny table's encoded rows, 2 classes."""
-    return copy.deepcopy(_trained("tabular", seed))
+    return copy.deepcopy(tiny_run("tabular", seed).model)
 
 
 def tiny_context(kind: str = "image", samples: int = 4, seed: int = 0) -> Context:
-    """A fresh Context with a tiny trained model, ``samples`` test samples and the full splits.
+    """A fresh Context: a copy of a tiny trained model, ``samples`` test samples, the run and its splits.
 
     The batch size is 2, so an analyzer that batches is checked across batch boundaries.
     """
-    data = tiny_data(kind)
-    model = tiny_image_model(seed) if kind == "image" else tiny_tabular_model(seed)
+    run = tiny_run(kind, seed)
+    data = run.data
     test = data.test.subset(np.arange(samples))
     return Context(
-        model=model, x=test.x, y=test.y, kind=kind, class_names=data.class_names,
-        feature_names=data.feature_names, encoding=data.encoding, groups=test.groups, data=data,
+        model=copy.deepcopy(run.model), x=test.x, y=test.y, kind=kind, class_names=data.class_names,
+        feature_names=data.feature_names, encoding=data.encoding, groups=test.groups, data=data, run=run,
         seed=seed, batch_size=2, indices=np.arange(samples),
     )
 
@@ -128,11 +144,14 @@ def _fail(cls: type, kind: str, message: str) -> None:
 def check_analyzer(cls: type[Analyzer], params: Any = None, kinds: list[str] | None = None) -> dict[str, Result]:
     """Run the analyzer contract on each data kind the analyzer applies to; raise AssertionError.
 
+    ``params`` default to the analyzer's ``check_params`` (cheap settings it declares).
+
     The contract: ``run`` returns a Result with JSON-able metrics; the result saves and loads
     back unchanged; the model's train/eval flags (per module), device, weights and hooks are
     as before; two runs with the same seed give the same metrics and arrays.
     Returns the results by kind, for further checks of the caller's own.
     """
+    params = cls.check_params if params is None else params
     results = {}
     for kind in kinds or sorted(cls.applies_to & {"image", "tabular"}):
         ctx = tiny_context(kind)

@@ -168,6 +168,7 @@ class IntegratedGradients(Attribution):
 
     Params = IGParams
     description = "integrated gradients from a zeros, blurred or mean baseline"
+    check_params = {"steps": 8}
 
     def attribute(self, ctx, x, target, params):
         from captum.attr import IntegratedGradients as CaptumIG
@@ -196,6 +197,7 @@ class SmoothGrad(Attribution):
 
     Params = SmoothGradParams
     description = "saliency averaged over Gaussian-noised copies of the input"
+    check_params = {"samples": 3}
 
     def cmap(self, params) -> str:
         return "hot" if params.abs else "bwr"

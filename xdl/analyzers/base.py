@@ -289,6 +289,8 @@ class Analyzer:
     ``name`` is filled from the entry-point name when the registry loads the class.
     ``samples`` is how many samples the CLI selects by default (None: the whole split).
     ``applies_to`` lists the data kinds the method works on; ``xdl audit`` skips others.
+    ``check_params`` are cheap parameters (fewer steps, samples …) that
+    ``xdl.testing.check_analyzer`` uses: the contract, not the method's quality, is under test.
     """
 
     name: ClassVar[str] = ""
@@ -297,6 +299,7 @@ class Analyzer:
     samples: ClassVar[int | None] = 16
     applies_to: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
     description: ClassVar[str] = ""
+    check_params: ClassVar[dict[str, Any]] = {}
 
     def run(self, ctx: Context, params: Any) -> Result:
         raise NotImplementedError
