@@ -86,10 +86,15 @@ def build_cnn(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.S
         channels = width
     with torch.no_grad():
         flat = nn.Sequential(*layers[1:], nn.Flatten())(torch.zeros(1, *in_shape)).shape[1]
-    layers += [nn.Flatten(), nn.Linear(flat, config["hidden"]), _activation(config["activation"])]
-    if config.get("dropout"):
-        layers.append(nn.Dropout(config["dropout"]))
-    layers.append(nn.Linear(config["hidden"], num_classes))
+    layers.append(nn.Flatten())
+    # The dense head: one width (the saved default) or a list, as --hidden gives for mlp.
+    hidden = config["hidden"]
+    for width in [hidden] if isinstance(hidden, int) else hidden:
+        layers += [nn.Linear(flat, width), _activation(config["activation"])]
+        if config.get("dropout"):
+            layers.append(nn.Dropout(config["dropout"]))
+        flat = width
+    layers.append(nn.Linear(flat, num_classes))
     return nn.Sequential(*layers)
 
 
