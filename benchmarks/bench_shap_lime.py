@@ -140,10 +140,7 @@ def bench_kernel(folder: Path, rows: int, nsamples: int) -> list[dict]:
 
 
 def main(quick: bool = False, baseline_images: int | None = None) -> list[dict]:
-    import os
-
     torch.set_num_threads(2)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lime draws a progress bar per image
     subset = baseline_images or (3 if quick else 10)
     n = 20 if quick else IMAGES
     with tempfile.TemporaryDirectory() as tmp:
