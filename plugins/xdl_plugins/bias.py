@@ -13,6 +13,7 @@ are one-vs-rest: for class c, "selected" means "predicted c".
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -257,7 +258,8 @@ def _bootstrap_intervals(
         for key, value in fairness_measures(group_rates(weights, codes, len(names), yb, pb)).items():
             found.setdefault(key, []).append(value)
     tail = 100 * (1 - params.confidence) / 2
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a class no one is predicted as has no ratio in any resample: null
+        warnings.simplefilter("ignore", RuntimeWarning)
         bounds = {k: np.nanpercentile(np.concatenate(v), [tail, 100 - tail], axis=0) for k, v in found.items()}
     return [{k: [_num(b[0, i]), _num(b[1, i])] for k, b in bounds.items()} for i in range(len(classes))]
 
