@@ -61,6 +61,8 @@ def train(
     if not world.main:  # rank 0 speaks and writes for all
         log, quiet = (lambda line: None), True
     out = distributed.broadcast(Path(out) if out else new_run_path(), world)
+    if out.exists() and not out.is_dir():
+        raise XdlError(f"--out {out} is a file; a run is a directory")
     if (out / "run.json").exists() and (resume or not force):
         if resume:
             raise XdlError(f"{out} has finished training; there is nothing to resume")
@@ -209,6 +211,8 @@ def analyze(
             run=run, device=dev, seed=run.seed if seed is None else seed, batch_size=batch_size,
             target=target, split=split, indices=index, progress=progress,
         )
+    if isinstance(target, int) and not 0 <= target < ctx.num_classes:
+        raise XdlError(f"target class {target} does not exist: this model has classes 0..{ctx.num_classes - 1}")
     if world.size > 1 and kind != "report":
         result = distributed.analyze_shards(analyzer, ctx, parsed, world)
     else:  # a report describes a whole split or the model: each rank computes it whole

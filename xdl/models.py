@@ -8,6 +8,7 @@ attack's eps and an explanation's baseline mean the same thing for every model.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,16 @@ def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> n
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         raise XdlError(f"cannot resolve model factory {target!r}: {exc}") from None
-    model = factory(tuple(in_shape), num_classes, **config.get("kwargs", {}))
+    kwargs = config.get("kwargs", {})
+    try:
+        inspect.signature(factory).bind(tuple(in_shape), num_classes, **kwargs)
+    except TypeError:  # not callable, or a signature that cannot take these arguments
+        raise XdlError(
+            f"model factory {target!r} must be callable as factory(in_shape, num_classes, **kwargs)"
+        ) from None
+    except ValueError:  # some builtins expose no signature; calling them says the rest
+        pass
+    model = factory(tuple(in_shape), num_classes, **kwargs)
     if not isinstance(model, nn.Module):
         raise XdlError(f"model factory {target!r} returned {type(model).__name__}, not an nn.Module")
     return model

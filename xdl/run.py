@@ -91,6 +91,9 @@ class Run:
                 f"{self.path} was written by a newer xdl (run format {version}, this xdl reads ≤ {FORMAT_VERSION}); "
                 "upgrade xdl to read it"
             )
+        missing = [k for k in ("model", "data", "train") if not isinstance(self.info.get(k), dict)]
+        if missing:
+            raise XdlError(f"{info_path} has no {missing[0]!r} section: the run is incomplete or damaged")
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
