@@ -53,6 +53,7 @@ class Lime(Analyzer):
     Params = LimeParams
     samples = 8
     description = "LIME: superpixel (images) or column (tables) weights of a local linear surrogate"
+    check_params = {"segmentation": "slic", "n_segments": 8, "num_samples": 50}
 
     def run(self, ctx: Context, params: LimeParams) -> Result:
         require_classifier(ctx)

@@ -59,6 +59,7 @@ class Shap(Analyzer):
     Params = ShapParams
     samples = 16
     description = "SHAP values: expected gradients or DeepSHAP (images), KernelSHAP (tables)"
+    check_params = {"background": 8, "clusters": 4, "nsamples": 16}
 
     def run(self, ctx: Context, params: ShapParams) -> Result:
         outputs = require_classifier(ctx)
