@@ -165,6 +165,7 @@ def analyze(
     force: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
+    evaluate: bool = False,
 ):
     """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
 
@@ -173,6 +174,9 @@ def analyze(
     rank explains or attacks its share of the samples and rank 0 merges, saves and returns
     the result (:func:`xdl.distributed.merge` says what merging can and cannot do); the
     other ranks return None.
+    ``evaluate=True`` (explain only) adds how far the explanation can be trusted —
+    deletion/insertion AUC against random order, infidelity, sensitivity and the
+    randomization check of :mod:`xdl.evaluation` — as ``metrics["evaluation"]``.
     """
     import torch
 
@@ -184,6 +188,8 @@ def analyze(
     count = cls.samples if samples == "default" else samples
     world = distributed.join(device)  # under torchrun, explain/attack samples are shared out
     dev = distributed.local_device(device, world)
+    if evaluate and (kind != "explain" or world.size > 1):
+        raise XdlError("--evaluate applies to xdl explain in one process (it re-explains every sample on altered models)")
     progress = progress and world.main
     if isinstance(source, nn.Module):
         if x is None:
@@ -217,6 +223,10 @@ def analyze(
         result = distributed.analyze_shards(analyzer, ctx, parsed, world)
     else:  # a report describes a whole split or the model: each rank computes it whole
         result = run_analyzer(analyzer, ctx, parsed)
+    if evaluate:
+        from xdl.evaluation import evaluate as evaluate_result
+
+        evaluate_result(analyzer, ctx, parsed, result)
     if not world.main:  # rank 0 holds the merged result and writes it
         distributed.leave(world)
         return None

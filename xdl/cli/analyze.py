@@ -15,6 +15,14 @@ SHORTCUTS = {
     "report": [click.Option(["--sensitive"], help="tabular runs: group columns to analyze, comma-separated")],
     "explain": [],
 }
+# Kind-specific flags passed to xdl.api.analyze as themselves.
+FLAGS = {
+    "explain": [click.Option(["--evaluate"], is_flag=True,
+                             help="also measure faithfulness (deletion/insertion vs random order), infidelity, "
+                                  "sensitivity and the randomization sanity check")],
+    "attack": [],
+    "report": [],
+}
 
 
 def _target(value: str) -> str | int:
@@ -49,7 +57,8 @@ class MethodHelp(click.Command):
 
 
 def make_command(kind: str) -> click.Command:
-    def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet, **shortcuts):
+    def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet,
+                evaluate=False, **shortcuts):
         from xdl.api import analyze
 
         params = list(param)
@@ -57,7 +66,7 @@ def make_command(kind: str) -> click.Command:
         result = analyze(
             kind, run, method, samples="default" if samples is None else samples, split=split,
             indices=_indices(indices), target=_target(target), params=params, device=device, seed=seed,
-            batch_size=batch_size, force=force, progress=not quiet,
+            batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate,
         )
         if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
             return
@@ -81,6 +90,7 @@ def make_command(kind: str) -> click.Command:
         click.Option(["--force"], is_flag=True, help="replace an earlier result of this method instead of adding METHOD-2"),
         click.Option(["--quiet", "-q"], is_flag=True),
         *SHORTCUTS[kind],
+        *FLAGS[kind],
     ]
     return MethodHelp(kind, callback=handler, params=params,
                       help=f"Run a {kind} analyzer on a run directory; results go to RUN/{kind}/METHOD/.")
