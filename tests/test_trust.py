@@ -174,8 +174,18 @@ def test_cli_report_trust_ranks_the_methods(digits_run, tmp_path, capsys):
     assert [r["rank"] for r in ranking] == [1, 2] and {r["method"] for r in ranking} == {"saliency", "ig"}
     assert saved["metrics"]["most_trusted"] == ranking[0]["method"]
     assert saved["metrics"]["agreement"]["ig"]["ig"] == pytest.approx(1.0)
+    # A small run: the label randomization test retrained the model on shuffled labels.
+    assert all(-1 <= r["label_randomized_spearman"] <= 1 for r in ranking)
     assert (folder / "ranking.csv").is_file() and (folder / "agreement.png").is_file()
     assert out.startswith(f"{ranking[0]['method']} is ") or out.startswith("no method passes")
+    # The audit's summary names the method to trust, from the saved result.
+    from xdl.analyzers.base import Result
+    from xdl.auditing import Section, findings
+
+    found = [f for f in findings(digits_run, [Section("report", "trust", "reused", Result.load(folder))], eps=0.1)
+             if f.source == "report/trust"]
+    assert [(f.label, f.value) for f in found] == [("Most trustworthy explanation", ranking[0]["method"])]
+    assert f"randomization check: {ranking[0]['randomization_check']}" in found[0].detail
 
 
 @pytest.mark.parametrize("args, message", [

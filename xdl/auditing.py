@@ -446,5 +446,17 @@ def _ece(results: dict[str, Result], eps: float) -> list[Finding]:
     return [Finding("Calibration (ECE)", f"{ece:.3f}", detail, "report/calibration", "warn" if ece > 0.1 else "info")]
 
 
+def _trust(results: dict[str, Result], eps: float) -> list[Finding]:
+    """The explain method the trust report ranks first, and whether it passes the randomization check."""
+    report = _metrics(results, "report/trust")
+    best = report.get("most_trusted")
+    stats = (report.get("methods") or {}).get(best) if isinstance(best, str) else None
+    if not isinstance(stats, dict) or not _number(stats.get("deletion_auc")):
+        return []
+    check = stats.get("randomization_check")
+    detail = f"deletion AUC {stats['deletion_auc']:.2f} (random order {stats['random_deletion_auc']:.2f}); randomization check: {check}"
+    return [Finding("Most trustworthy explanation", best, detail, "report/trust", "info" if check == "pass" else "warn")]
+
+
 # Order on the page. Each reads only the metric keys it knows and finds nothing when they are absent.
-FINDINGS = (_robust, _worst_class, _worst_group, _overfit, _ece)
+FINDINGS = (_robust, _worst_class, _worst_group, _overfit, _ece, _trust)

@@ -17,21 +17,27 @@ deletion AUC (higher: the map orders the evidence better than the others).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
+from torch import nn
 
 from xdl.analyzers.base import Analyzer, Context, Result, parse_params
 from xdl.analyzers.registry import load_analyzer
 from xdl.errors import XdlError
 from xdl.evaluation import (
-    RANDOM_ORDERS, STEPS, cascading_randomization, evaluation_figure, explainer, faithfulness, fill_value,
+    RANDOM_ORDERS, SANITY_THRESHOLD, STEPS, cascading_randomization, evaluation_figure, explainer, faithfulness, fill_value,
     mean_or_none, passes_sanity, spearman,
 )
 
 # Below this mean rank correlation with the other methods, a method's maps are called out as
 # disagreeing: the pixels it ranks high are largely not those the others rank high.
 LOW_AGREEMENT = 0.3
+# Label randomization retrains the run's architecture on permuted labels; "auto" does so only
+# up to this many training rows, where a few epochs cost seconds, not minutes.
+SMALL_RUN_ROWS = 5000
+PERMUTED_LABEL_EPOCHS = 3
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TrustParams:
     steps: int = STEPS  # points on each deletion/insertion curve
     orders: int = RANDOM_ORDERS  # random orders averaged into the baseline
     randomization: bool = True  # the cascading randomization check (one explanation per layer)
+    label_randomization: Literal["auto", "on", "off"] = "auto"  # auto: on runs of at most SMALL_RUN_ROWS training rows
 
     def __post_init__(self) -> None:
         if len(set(self.methods)) < 2:
@@ -74,8 +81,17 @@ class Trust(Analyzer):
                 cascades[name] = cascading_randomization(ctx.model, explain, ctx.x, targets, maps[name], ctx.seed)
         if len(maps) < 2:
             raise XdlError(f"fewer than two of the methods {', '.join(params.methods)} apply to {ctx.kind} data")
+        permuted = permuted_label_model(ctx, params.label_randomization, result)
+        label_rho = {}
+        if permuted is not None:
+            for name, cls in classes.items():
+                if name in maps:
+                    explain = explainer(cls(), ctx, parse_params(cls.Params, {}))
+                    label_rho[name] = mean_or_none(spearman(np.abs(maps[name]), np.abs(explain(permuted, ctx.x, targets))))
         agreement = {a: {b: mean_or_none(spearman(np.abs(maps[a]), np.abs(maps[b]))) for b in maps} for a in maps}
         rows = ranking(curves, cascades, agreement)
+        for r in rows:
+            r["label_randomized_spearman"] = label_rho.get(r["method"])
         result.tables["ranking"] = rows
         result.tables["agreement"] = [{"method": a, **row} for a, row in agreement.items()]
         for name, steps in cascades.items():
@@ -88,6 +104,33 @@ class Trust(Analyzer):
         result.add_figure("faithfulness", evaluation_figure(curves, cascades))
         result.add_figure("agreement", agreement_figure(agreement))
         return result
+
+
+def permuted_label_model(ctx: Context, when: str, result: Result) -> nn.Module | None:
+    """The run's architecture trained a few epochs on shuffled training labels (Adebayo et al.'s
+    data randomization test), or None with a note in ``result.warnings`` when it is skipped."""
+    import dataclasses
+
+    from xdl.models import build_model, set_normalization
+    from xdl.training import TrainConfig, fit
+
+    if when == "off":
+        return None
+    if ctx.run is None or ctx.data is None:
+        result.warnings.append("label randomization skipped: it retrains the run's model, and a bare model has no run")
+        return None
+    data = ctx.data
+    if when == "auto" and len(data.train.y) > SMALL_RUN_ROWS:
+        result.warnings.append(f"label randomization skipped: {len(data.train.y)} training rows is more than "
+                               f"{SMALL_RUN_ROWS} (pass label_randomization=on to retrain anyway)")
+        return None
+    shuffled = data.train.y[torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(ctx.seed))]
+    permuted = dataclasses.replace(data, train=dataclasses.replace(data.train, y=shuffled))
+    model = build_model(ctx.run.info["model"], data.input_shape, data.num_classes)
+    set_normalization(model, data.train.x)
+    config = TrainConfig(epochs=PERMUTED_LABEL_EPOCHS, device=str(ctx.device), seed=ctx.seed)
+    fit(model, permuted, config, log=lambda line: None, progress=False)
+    return model.eval()
 
 
 def ranking(curves: dict, cascades: dict[str, list[dict]], agreement: dict[str, dict]) -> list[dict[str, Any]]:
@@ -129,6 +172,9 @@ def verdict(rows: list[dict[str, Any]], checked: bool) -> str:
             parts.append("is no better than a random order at deletion")
         elif row is not best and row["faithfulness"] > best["faithfulness"]:
             parts.append(f"is more faithful (deletion AUC {row['deletion_auc']:.2f})")
+        label = row.get("label_randomized_spearman")
+        if label is not None and label >= SANITY_THRESHOLD:
+            parts.append(f"barely changes for a model trained on shuffled labels (rank correlation {label:.2f})")
         if row["mean_agreement"] is not None and row["mean_agreement"] < LOW_AGREEMENT:
             parts.append(f"disagrees with the others (agreement {row['mean_agreement']:.2f})")
         if parts:
