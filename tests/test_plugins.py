@@ -14,10 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
-from xdl.analyzers import discover, load_analyzer
+from xdl.analyzers import Analyzer, discover, load_analyzer
 from xdl.analyzers.registry import DISABLE_AUTOLOAD
 from xdl.cli.main import cli
 from xdl.errors import XdlError
@@ -142,8 +144,74 @@ def test_installed_example_plugin_runs_through_the_cli(digits_run, tmp_path):
 
 
 # -----------------------------------------------------------------------------------------
-# The contract, over everything registered
+# The contract: it catches what it promises to catch, and every registered analyzer passes
 # -----------------------------------------------------------------------------------------
+
+
+class _Base(Analyzer):
+    kind = "explain"
+    applies_to = frozenset({"image"})
+
+    def run(self, ctx, params):
+        return self.result(metrics={"n": len(ctx.x)}, arrays={"p": ctx.predict().numpy()})
+
+
+class LeavesHook(_Base):
+    def run(self, ctx, params):
+        ctx.model.register_forward_hook(lambda *args: None)
+        return super().run(ctx, params)
+
+
+class ChangesWeights(_Base):
+    def run(self, ctx, params):
+        with torch.no_grad():
+            next(ctx.model.parameters()).add_(1.0)
+        return super().run(ctx, params)
+
+
+class Unseeded(_Base):
+    def run(self, ctx, params):
+        result = super().run(ctx, params)
+        result.metrics["noise"] = float(np.random.default_rng().random())  # ignores ctx.seed
+        return result
+
+
+class ReturnsDict(_Base):
+    def run(self, ctx, params):
+        return {"n": len(ctx.x)}
+
+
+class UnsavableMetric(_Base):
+    def run(self, ctx, params):
+        result = super().run(ctx, params)
+        result.metrics["model"] = ctx.model
+        return result
+
+
+@pytest.mark.parametrize(
+    "cls, message",
+    [
+        (LeavesHook, "1 hook\\(s\\) left behind"),
+        (ChangesWeights, "the model's weights changed"),
+        (Unseeded, "two runs with the same seed gave different metrics"),
+        (UnsavableMetric, "metrics, params or tables are not JSON-able"),
+    ],
+)
+def test_contract_catches_violations(cls, message):
+    with pytest.raises(AssertionError, match=f"{cls.__name__} on image data: {message}"):
+        check_analyzer(cls)
+
+
+def test_an_analyzer_must_return_a_result():
+    with pytest.raises(TypeError, match="explain method 'returnsdict' returned dict, not a Result"):
+        check_analyzer(ReturnsDict)
+
+
+def test_contract_passes_a_well_behaved_analyzer_and_returns_its_results():
+    results = check_analyzer(_Base)
+    assert list(results) == ["image"] and results["image"].metrics == {"n": 4}
+    assert results["image"].arrays["p"].shape == (4, 10)
+
 
 @pytest.mark.parametrize("plugin", discover(), ids=lambda p: f"{p.kind}:{p.name}")
 def test_every_registered_analyzer_passes_the_contract(plugin):

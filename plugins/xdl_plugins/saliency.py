@@ -269,6 +269,7 @@ class Occlusion(Attribution):
 
     Params = OcclusionParams
     description = "score drop when a sliding patch of the input is hidden"
+    check_params = {"stride": 2}
 
     def attribute(self, ctx, x, target, params):
         from captum.attr import Occlusion as CaptumOcclusion

@@ -200,11 +200,13 @@ class Result:
 
     def add_figure(self, name: str, fig: Any, dpi: int = 110) -> None:
         """Render a matplotlib figure to PNG and close it (figures never leak between runs)."""
-        import matplotlib.pyplot as plt
+        import sys
 
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
+        # Only pyplot keeps figures alive; xdl.plotting's bare Figures need no pyplot (nor its backend).
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(fig)
         self.figures[name] = buffer.getvalue()
 
     def save(self, folder: str | Path) -> Path:
@@ -357,6 +359,8 @@ def analyze(analyzer: Analyzer, ctx: Context, params: Any = None) -> Result:
             result = analyzer.run(ctx, params)
     finally:
         model.to(original)
+    if not isinstance(result, Result):  # a plugin bug, not user input: keep the traceback
+        raise TypeError(f"{analyzer.kind} method {analyzer.name!r} returned {type(result).__name__}, not a Result")
     result.method, result.kind = analyzer.name, analyzer.kind
     result.params = {**dataclasses.asdict(params), **result.params}
     return result
