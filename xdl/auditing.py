@@ -451,7 +451,7 @@ def _trust(results: dict[str, Result], eps: float) -> list[Finding]:
     report = _metrics(results, "report/trust")
     best = report.get("most_trusted")
     stats = (report.get("methods") or {}).get(best) if isinstance(best, str) else None
-    if not isinstance(stats, dict) or not _number(stats.get("deletion_auc")):
+    if not isinstance(stats, dict) or not (_number(stats.get("deletion_auc")) and _number(stats.get("random_deletion_auc"))):
         return []
     check = stats.get("randomization_check")
     detail = f"deletion AUC {stats['deletion_auc']:.2f} (random order {stats['random_deletion_auc']:.2f}); randomization check: {check}"
