@@ -62,7 +62,7 @@ class Trust(Analyzer):
     Params = TrustParams
     samples = 16
     description = "which explain method to trust: deletion/insertion vs random, randomization check, agreement"
-    check_params = {"methods": ["saliency", "ig"], "steps": 4, "orders": 1}
+    check_params = {"methods": ["saliency", "deeplift"], "steps": 4, "orders": 1}  # one backward pass each
 
     def run(self, ctx: Context, params: TrustParams) -> Result:
         targets = ctx.targets()
@@ -178,7 +178,7 @@ def verdict(rows: list[dict[str, Any]], checked: bool) -> str:
         if row["mean_agreement"] is not None and row["mean_agreement"] < LOW_AGREEMENT:
             parts.append(f"disagrees with the others (agreement {row['mean_agreement']:.2f})")
         if parts:
-            notes.append(f"{row['method']} " + " and ".join(parts))
+            notes.append(f"{row['method']} " + ", ".join(parts))
     return "; ".join([lead, *notes])
 
 
