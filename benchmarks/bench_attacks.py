@@ -78,14 +78,18 @@ def bench_agreement(standard: xdl.Run) -> list[dict]:
 # -----------------------------------------------------------------------------------------
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, lazy initialization
-    times = []
+def best_of(fns: list, repeats: int) -> list[float]:
+    """Best time of each function, the repeats interleaved so that load from other processes
+    on a shared machine falls on all of them alike instead of on whichever ran during it."""
+    for fn in fns:
+        fn()  # warm-up: allocator, kernels, lazy initialization
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, seen in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            seen.append(time.perf_counter() - start)
+    return [min(seen) for seen in times]
 
 
 def bench_speed(folder: Path, model: torch.nn.Module, quick: bool) -> list[dict]:
@@ -111,7 +115,7 @@ def bench_speed(folder: Path, model: torch.nn.Module, quick: bool) -> list[dict]
             torch.autograd.grad(F.cross_entropy(model(xb), yb), xb)
 
     repeats = 2 if quick else 3
-    mine, train_s, input_s = best_of(attack, repeats), best_of(train_pass, repeats), best_of(input_pass, repeats)
+    mine, train_s, input_s = best_of([attack, train_pass, input_pass], repeats)
     model.zero_grad(set_to_none=True)
     return [
         row(f"FGSM over {n} 28x28 images vs forward+backward (loss.backward), batch {BATCH}: s",
