@@ -227,15 +227,20 @@ def test_cli_says_where_the_audit_is(audited, audit_json):
     assert f"written to {audited.html_path}" in out.output and audited.html_path.resolve().as_uri() in out.output
 
 
-def test_cli_bad_selection_is_one_line_and_exit_2(audited, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--skip", "nope"], "no analyzer called 'nope'; registered: "),
+    (["--eps", "1.5"], "--eps 1.5 is larger than the whole input range [0, 1] of image data"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(audited, audit_json, capsys, args, message):
     from xdl.cli.main import main
 
+    before = audited.json_path.read_text()
     with pytest.raises(SystemExit) as exit_info:
-        main(["audit", str(audited.run.path), "--skip", "nope"])
+        main(["audit", str(audited.run.path), *args])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"xdl: error: no analyzer called 'nope'; registered: {', '.join(p.name for p in xdl.analyzers.discover())}"
-    ]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"xdl: error: {message}")
+    assert audited.json_path.read_text() == before  # nothing rewritten
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -181,6 +181,9 @@ def audit(
     resolve_device(device)  # a missing GPU is the user's error, before any analyzer fails on it
     plugins = select(discover(), only, skip)
     probe = _probe(run)
+    if probe.input_range is not None and eps > probe.input_range[1] - probe.input_range[0]:
+        lo, hi = probe.input_range
+        raise XdlError(f"--eps {eps:g} is larger than the whole input range [{lo:g}, {hi:g}] of {probe.kind} data")
     earlier = _earlier(run)
     planned: list[tuple[PluginInfo, type[Analyzer] | None, str]] = []
     not_applicable = []
