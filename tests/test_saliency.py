@@ -140,6 +140,8 @@ def test_params_are_validated(linear):
             xdl.explain(model, "ig", x=x, params=params)
     with pytest.raises(XdlError, match="occlusion window 9 is larger than the 5 features"):
         xdl.explain(model, "occlusion", x=x, params={"window": 9})
+    with pytest.raises(XdlError, match="occlusion stride 2 is larger than the window 1"):
+        xdl.explain(model, "occlusion", x=x, params={"stride": 2})
     with pytest.raises(XdlError, match="target class 3 does not exist"):
         xdl.explain(model, "saliency", x=x, target=3)
 

@@ -269,7 +269,7 @@ class Occlusion(Attribution):
 
     Params = OcclusionParams
     description = "score drop when a sliding patch of the input is hidden"
-    check_params = {"stride": 2}
+    check_params = {"window": 2, "stride": 2}
 
     def attribute(self, ctx, x, target, params):
         from captum.attr import Occlusion as CaptumOcclusion
@@ -284,6 +284,8 @@ class Occlusion(Attribution):
             if window > x.shape[1]:
                 raise XdlError(f"occlusion window {window} is larger than the {x.shape[1]} features")
             shape, strides = (window,), (params.stride,)
+        if params.stride > window:
+            raise XdlError(f"occlusion stride {params.stride} is larger than the window {window}: some inputs would never be hidden")
         return CaptumOcclusion(ctx.model).attribute(
             x, sliding_window_shapes=shape, strides=strides, baselines=params.fill, target=target,
             perturbations_per_eval=max(1, forward_budget(ctx, len(x)) // len(x)),
