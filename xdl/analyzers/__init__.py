@@ -1,28 +1,33 @@
-"""Analyzers: the contract every explain/attack/report method fills, and their registry."""
+"""Analyzers: the contract every explain/attack/report method fills, and their registry.
 
-from xdl.analyzers.base import (
-    Analyzer,
-    Context,
-    NoParams,
-    Result,
-    analyze,
-    eval_mode,
-    hook_count,
-    parse_params,
-)
-from xdl.analyzers.registry import KINDS, PluginInfo, discover, load_analyzer
+Names load lazily so that the registry (metadata only) never imports torch: ``xdl
+plugins`` and ``--method`` help answer without it.
+"""
 
-__all__ = [
-    "Analyzer",
-    "Context",
-    "KINDS",
-    "NoParams",
-    "PluginInfo",
-    "Result",
-    "analyze",
-    "discover",
-    "eval_mode",
-    "hook_count",
-    "load_analyzer",
-    "parse_params",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Analyzer": "xdl.analyzers.base",
+    "Context": "xdl.analyzers.base",
+    "NoParams": "xdl.analyzers.base",
+    "Result": "xdl.analyzers.base",
+    "analyze": "xdl.analyzers.base",
+    "eval_mode": "xdl.analyzers.base",
+    "hook_count": "xdl.analyzers.base",
+    "parse_params": "xdl.analyzers.base",
+    "KINDS": "xdl.analyzers.registry",
+    "PluginInfo": "xdl.analyzers.registry",
+    "discover": "xdl.analyzers.registry",
+    "load_analyzer": "xdl.analyzers.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xdl.analyzers' has no attribute {name!r}")
