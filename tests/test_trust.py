@@ -16,7 +16,8 @@ from torch import nn
 
 import xdl
 from xdl.evaluation import (
-    cascading_randomization, faithfulness, parameterized_layers, passes_sanity, randomized_copies, spearman,
+    cascading_randomization, faithfulness, map_similarity, parameterized_layers, passes_sanity, randomized_copies,
+    spearman,
 )
 
 
@@ -100,6 +101,10 @@ def test_spearman_matches_scipy_with_ties_and_constant_rows():
     for i in range(5):
         assert got[i] == pytest.approx(spearmanr(a[i].ravel(), b[i].ravel()).statistic, abs=1e-12)
     assert np.isnan(got[5])
+    # For the sanity checks a map that went flat kept none of the ranking; a flat original says nothing.
+    flat = np.zeros_like(a[:2])
+    np.testing.assert_array_equal(map_similarity(a[:2], flat), [0.0, 0.0])
+    assert np.isnan(map_similarity(flat, a[:2])).all()
 
 
 # -----------------------------------------------------------------------------------------

@@ -182,6 +182,19 @@ def spearman(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.n
         return np.where(denominator > 0, (ra * rb).sum(1) / denominator, np.nan)
 
 
+def map_similarity(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Spearman rho of |attribution| per sample, for the sanity checks.
+
+    A changed map that is constant (a model whose output no longer depends on the input
+    has zero gradients everywhere) keeps none of the original ranking: rho 0, not undefined.
+    Only a constant *original* map leaves the comparison undefined (NaN).
+    """
+    original, changed = np.abs(np.asarray(original)), np.abs(np.asarray(changed))
+    rho = spearman(original, changed)
+    flat = changed.reshape(len(changed), -1)
+    return np.where(np.isnan(rho) & (flat == flat[:, :1]).all(1) & ~np.isnan(spearman(original, original)), 0.0, rho)
+
+
 def mean_or_none(values: np.ndarray) -> float | None:
     """The mean of the defined values; None (JSON null) when none is defined."""
     values = np.asarray(values, dtype=np.float64)
@@ -226,15 +239,15 @@ def cascading_randomization(
     model: nn.Module, explain: Explainer, x: torch.Tensor, targets: torch.Tensor,
     original: np.ndarray | None = None, seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Per cascade step: the layer just randomized and the mean Spearman rho of |attribution| with the original.
+    """Per cascade step: the layer just randomized and the mean :func:`map_similarity` with the original.
 
     The last row is the fully randomized model. ``original`` saves recomputing the trained
     model's attributions when the caller has them.
     """
-    original = np.abs(explain(model, x, targets) if original is None else np.asarray(original))
+    original = explain(model, x, targets) if original is None else np.asarray(original)
     rows = []
     for i, (name, randomized) in enumerate(randomized_copies(model, seed)):
-        rho = spearman(original, np.abs(explain(randomized, x, targets)))
+        rho = map_similarity(original, explain(randomized, x, targets))
         rows.append({"layer": name, "layers_randomized": i + 1, "spearman": mean_or_none(rho)})
     return rows
 
@@ -358,7 +371,7 @@ def explainer(analyzer: Analyzer, ctx: Context, params: Any) -> Explainer:
 
     def explain(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
         # target "true" with y = the targets: the class explained stays fixed whatever the model predicts.
-        sub = dataclasses.replace(ctx, model=model, x=x, y=targets, target="true", indices=None, progress=False)
+        sub = dataclasses.replace(ctx, model=model, x=x, y=targets, target="true", indices=None, groups={}, progress=False)
         return attributions_of(analyze(runner, sub, params), x)
 
     return explain

@@ -28,7 +28,7 @@ from xdl.analyzers.registry import load_analyzer
 from xdl.errors import XdlError
 from xdl.evaluation import (
     RANDOM_ORDERS, SANITY_THRESHOLD, STEPS, cascading_randomization, evaluation_figure, explainer, faithfulness, fill_value,
-    mean_or_none, passes_sanity, spearman,
+    map_similarity, mean_or_none, passes_sanity, spearman,
 )
 
 # Below this mean rank correlation with the other methods, a method's maps are called out as
@@ -87,7 +87,7 @@ class Trust(Analyzer):
             for name, cls in classes.items():
                 if name in maps:
                     explain = explainer(cls(), ctx, parse_params(cls.Params, {}))
-                    label_rho[name] = mean_or_none(spearman(np.abs(maps[name]), np.abs(explain(permuted, ctx.x, targets))))
+                    label_rho[name] = mean_or_none(map_similarity(maps[name], explain(permuted, ctx.x, targets)))
         agreement = {a: {b: mean_or_none(spearman(np.abs(maps[a]), np.abs(maps[b]))) for b in maps} for a in maps}
         rows = ranking(curves, cascades, agreement)
         for r in rows:
