@@ -59,6 +59,14 @@ class Broken(Analyzer):
 
     def run(self, ctx, params):
         raise RuntimeError("boom")
+
+
+class Picky(Analyzer):
+    kind = "attack"
+
+    @classmethod
+    def applies(cls, ctx):
+        raise ValueError("cannot tell")
 '''
 
 
@@ -71,6 +79,7 @@ def third_party(tmp_path_factory):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xdl-thirdparty-fake\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
         "[xdl.report]\nwide = xdl_thirdparty_fake:Wide\n\n[xdl.explain]\nbroken = xdl_thirdparty_fake:Broken\n"
+        "\n[xdl.attack]\npicky = xdl_thirdparty_fake:Picky\n"
     )
     sys.path.insert(0, str(site))
     yield site
@@ -89,7 +98,7 @@ def copy_run(run, dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def audited(digits_run, third_party, tmp_path_factory):
     path = copy_run(digits_run, tmp_path_factory.mktemp("audit") / "run")
-    return xdl.audit(path, only=["saliency", "pgd", "wide", "broken"], samples=8, progress=False)
+    return xdl.audit(path, only=["saliency", "pgd", "wide", "broken", "picky"], samples=8, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +117,8 @@ def images(html: str) -> list[str]:
 
 
 def test_audit_writes_one_self_contained_page(audited, html):
-    assert [s.key for s in audited.sections] == ["explain/broken", "explain/saliency", "attack/pgd", "report/wide"]
+    assert [s.key for s in audited.sections] == ["explain/broken", "explain/saliency", "attack/pgd", "attack/picky",
+                                                 "report/wide"]
     assert not re.search(r"<script|<link|@import|url\(|https?://", html, re.I)
     sources = images(html)
     # saliency's grid, PGD's examples, the third party's curve: every figure, inlined.
@@ -139,11 +149,13 @@ def test_a_failing_analyzer_is_a_failed_section(audited, html):
     broken = audited.sections[0]
     assert broken.status == "failed" and broken.error == "RuntimeError: boom"
     assert 'raise RuntimeError("boom")' in broken.traceback
-    assert "RuntimeError: boom" in html and "1 of 4 analyzers failed" in " ".join(html.split())
+    picky = audited.sections[3]  # even a crash in applies() costs only its own section
+    assert picky.status == "failed" and picky.error == "ValueError: cannot tell"
+    assert "RuntimeError: boom" in html and "2 of 5 analyzers failed" in " ".join(html.split())
 
 
 def test_third_party_section_is_rendered_and_escaped(audited, html):
-    wide = audited.sections[3]
+    wide = audited.sections[4]
     assert wide.package == "xdl-thirdparty-fake" and wide.samples == 6  # its own default, under --samples 8
     assert "&lt;b&gt;not bold&lt;/b&gt; &amp; counted" in html and "<b>not bold" not in html
     assert "nested.a" in html and "first 12 of 30 rows" in html and "column_39" in html

@@ -185,22 +185,23 @@ def audit(
         lo, hi = probe.input_range
         raise XdlError(f"--eps {eps:g} is larger than the whole input range [{lo:g}, {hi:g}] of {probe.kind} data")
     earlier = _earlier(run)
-    planned: list[tuple[PluginInfo, type[Analyzer] | None, str]] = []
+    planned: list[tuple[PluginInfo, type[Analyzer] | None, tuple[str, str]]] = []
     not_applicable = []
     for info in plugins:
         try:
             cls = load_analyzer(info.kind, info.name)
-        except XdlError as exc:  # a broken plugin is a failed section; the others still run
-            planned.append((info, None, str(exc)))
+            applies = cls.applies(probe)
+        except Exception as exc:  # a broken plugin is a failed section; the others still run
+            planned.append((info, None, _failure(exc)))
             continue
-        if cls.applies(probe):
-            planned.append((info, cls, ""))
+        if applies:
+            planned.append((info, cls, ("", "")))
         else:
             not_applicable.append(f"{info.kind}/{info.name}")
     sections = []
-    for info, cls, error in _progress(planned, progress):
+    for info, cls, (error, trace) in _progress(planned, progress):
         if cls is None:
-            sections.append(Section(info.kind, info.name, "failed", error=error, package=info.package))
+            sections.append(Section(info.kind, info.name, "failed", error=error, traceback=trace, package=info.package))
             continue
         cpu = time.process_time()
         section = _run_one(run, info, cls, earlier, samples=samples, recompute=recompute, eps=eps, device=device)
@@ -278,12 +279,18 @@ def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str,
         out = saved or run.result_dir(info.kind, info.name)
         result = analyze(info.kind, run, info.name, samples=count, params=overrides, device=device, out=out)
     except Exception as exc:  # recorded in the page and audit.json; one analyzer's failure ends only its section
-        user_error = isinstance(exc, XdlError)
-        return Section(info.kind, info.name, "failed", error=str(exc) if user_error else f"{type(exc).__name__}: {exc}",
-                       traceback="" if user_error else traceback.format_exc(),
+        error, trace = _failure(exc)
+        return Section(info.kind, info.name, "failed", error=error, traceback=trace,
                        seconds=time.perf_counter() - started, package=info.package)
     return Section(info.kind, info.name, "computed", result, seconds=time.perf_counter() - started,
                    samples=count, package=info.package, requested=wanted)
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """The message and, for a bug rather than bad input, the traceback of a failed analyzer."""
+    if isinstance(exc, XdlError):
+        return str(exc), ""
+    return f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
 def _earlier(run: Run) -> dict[str, dict]:
