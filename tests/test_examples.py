@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # before, so they reuse it and add no work.
 CASES = {
     "quickstart.py": (
-        ["--epochs", "1", "--samples", "16", "--only", "ig,pgd,calibration"],
+        ["--epochs", "1", "--samples", "8", "--only", "ig,pgd,calibration"],
         ["Robust accuracy (eps 0.1)", "Calibration (ECE)", "audit reused explain/ig, attack/pgd, report/calibration"],
     ),
     "tabular_walkthrough.py": (
-        ["--rows", "400", "--epochs", "3", "--samples", "40", "--only", "shap,bias"],
+        ["--rows", "300", "--epochs", "3", "--samples", "40", "--only", "shap,bias"],
         ["Worst-group gap (sex)", "Worst-class gap"],
     ),
 }
@@ -29,8 +30,9 @@ CASES = {
 def test_example_runs(script, tmp_path):
     out = tmp_path / "run"
     args, expected = CASES[script]
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), str(out), *args],
-                          capture_output=True, text=True, timeout=300)
+    # One thread: the models are tiny, and a second thread only adds spinning on a busy 2-core machine.
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), str(out), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "audit.html").is_file() and (out / "audit.json").is_file()
     for line in ["Test accuracy", f"open {(out / 'audit.html').resolve().as_uri()}", *expected]:
