@@ -91,7 +91,8 @@ def bench_bars(run: xdl.Run, n: int, methods: list[str]) -> list[dict]:
         rows.append(row(
             f"rank {r['rank']} {r['method']}: deletion {r['deletion_auc']:.3f} (random {r['random_deletion_auc']:.3f}), "
             f"insertion {r['insertion_auc']:.3f}, randomized rho {r['randomized_spearman']}, check {r['randomization_check']}, "
-            f"agreement {r['mean_agreement']}", r["faithfulness"], None, "report", True))
+            f"shuffled-label rho {r['label_randomized_spearman']}, agreement {r['mean_agreement']}", r["faithfulness"], None,
+            "report", True))
     return rows
 
 
