@@ -62,12 +62,12 @@ class TrainConfig:
         if self.epochs <= 0:
             raise XdlError(f"epochs must be > 0, got {self.epochs}")
         if not 0 < self.lr < math.inf:  # also refuses nan, which every comparison lets through
-            raise XdlError(f"lr must be a finite number > 0, got {self.lr}")
+            raise XdlError(f"lr must be > 0 and finite, got {self.lr}")
         if self.batch_size <= 0:
             raise XdlError(f"batch size must be > 0, got {self.batch_size}")
         for name in ("weight_decay", "l1", "grad_clip", "early_stopping", "mixup", "noise"):
             if not 0 <= getattr(self, name) < math.inf:
-                raise XdlError(f"{name.replace('_', '-')} must be a finite number ≥ 0, got {getattr(self, name)}")
+                raise XdlError(f"{name.replace('_', '-')} must be ≥ 0 and finite, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise XdlError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
