@@ -406,10 +406,7 @@ def test_random_arguments_never_crash(scratch_run, tmp_path_factory, capsys):
     print(f"\nrandom argument lists: {len(codes)} tried, exit 0: {codes.count(0)}, exit 2: {codes.count(2)}")
 
 
-# The property test pins reports to 8 samples because of this known failure, kept here so
-# that its fix shows (strict xfail turns into a failure the day bias answers or refuses).
-@pytest.mark.xfail(reason="xdl_plugins.bias raises fairlearn's ValueError on 1-2 samples", raises=ValueError, strict=True)
 @pytest.mark.parametrize("samples", [1, 2])
-def test_bias_report_on_one_or_two_samples_answers_or_refuses(scratch_run, capsys, samples):
+def test_bias_report_on_one_or_two_samples_refuses(scratch_run, capsys, samples):
     code, _, err = run_cli(capsys, ["report", scratch_run, "--method", "bias", "-n", samples, "-q", "--force"])
-    assert code in (0, 2) and "Traceback" not in err, err
+    assert code == 2 and "at least 4 samples" in err, err

@@ -104,3 +104,20 @@ def test_load_refuses_newer_format(digits_run, tmp_path):
     (copy / "run.json").write_text(json.dumps(info))
     with pytest.raises(XdlError, match="newer xdl"):
         xdl.load(copy)
+
+
+def test_few_steps_train_without_a_one_cycle_crash(tmp_path):
+    # 60 rows in batches of 128: one step per epoch, too few for one-cycle's phases.
+    run = xdl.train("digits", "mlp", tmp_path / "r", epochs=2, quiet=True, data_options={"limit": 60},
+                    model_options={"hidden": [8]})
+    assert run.metrics["epochs_run"] == 2
+
+
+def test_forced_result_replaces_the_whole_folder(tmp_path):
+    from xdl.analyzers import Result
+
+    first = Result("m", "explain", figures={"old": b"png"}, metrics={"a": 1})
+    first.save(tmp_path / "m")
+    Result("m", "explain", metrics={"a": 2}).save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["result.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial or old folder left behind

@@ -171,9 +171,11 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    if cfg.schedule == "onecycle":
+    # One-cycle needs at least a step in each of its phases (PyTorch divides by their
+    # lengths); with a handful of steps in all, a cosine decay does the same job.
+    if cfg.schedule == "onecycle" and steps >= 8:
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "onecycle"):
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 

@@ -43,6 +43,9 @@ class BiasParams:
             raise ValueError(f"segments must be ≥ 2, got {self.segments}")
 
 
+MIN_SAMPLES = 4  # fewer rows give no quantile segments and no bootstrap
+
+
 class Bias(Analyzer):
     """Per-class quality, per-group fairness and per-segment accuracy of the predictions."""
 
@@ -54,6 +57,9 @@ class Bias(Analyzer):
     def run(self, ctx: Context, params: BiasParams) -> Result:
         if ctx.y is None:
             raise XdlError("the bias report needs true labels for the samples")
+        if len(ctx.y) < MIN_SAMPLES:
+            # Rates, quantile segments and bootstrap intervals are meaningless on a handful of rows.
+            raise XdlError(f"the bias report needs at least {MIN_SAMPLES} samples, got {len(ctx.y)}")
         probs = ctx.predict()
         y_true, y_pred = ctx.y.numpy().astype(int), probs.argmax(1).numpy()
         result = self.result()

@@ -210,8 +210,35 @@ class Result:
         self.figures[name] = buffer.getvalue()
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write the result as a whole: an earlier result in ``folder`` is replaced, not mixed in.
+
+        Files go into a hidden sibling folder first, which then takes ``folder``'s place, so
+        a crash leaves the old complete result and no stale figure of it survives a --force.
+        """
+        import os
+        import shutil
+        import tempfile
+
+        target = Path(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        os.chmod(folder, 0o755)  # mkdtemp's private 0700 would hide results from other users
+        try:
+            self._write(folder)
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+                os.replace(target, old / "result")
+                os.replace(folder, target)
+                shutil.rmtree(old)
+            else:
+                os.replace(folder, target)
+        finally:
+            if folder.exists():
+                shutil.rmtree(folder)
+        self.path = target
+        return target
+
+    def _write(self, folder: Path) -> None:
         for name, png in self.figures.items():
             atomic_write(folder / f"{name}.png", png)
         for name, rows in self.tables.items():
@@ -234,8 +261,6 @@ class Result:
                 "arrays": sorted(self.arrays),
             },
         )
-        self.path = folder
-        return folder
 
     @classmethod
     def load(cls, folder: str | Path, arrays: bool = False) -> "Result":
