@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -155,8 +153,6 @@ def main(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller data, fewer epochs")
-    args = parser.parse_args()
-    for r in main(args.quick):
-        print(json.dumps(r))
+    import rows_cli
+
+    rows_cli.run(main, __doc__)

@@ -13,7 +13,6 @@ one idle core.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -67,10 +66,8 @@ def main(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 training epochs, four analyzers")
-    cli = parser.parse_args()
-    for r in main(cli.quick):
-        print(json.dumps(r))
+    import rows_cli
+
+    for r in rows_cli.run(main, __doc__, "2 training epochs, four analyzers"):
         print(f"{r['workload']}: {r['xdl']:.1f} (bar {r['target']}) -> {'met' if r['met'] else 'NOT met'}",
               file=sys.stderr)

@@ -13,8 +13,6 @@ trained for one epoch (its size, not its accuracy, sets the memory).
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -69,8 +67,6 @@ def main(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 images instead of 10,000")
-    args = parser.parse_args()
-    for row in main(args.quick):
-        print(json.dumps(row))
+    import rows_cli
+
+    rows_cli.run(main, __doc__, "1,000 images instead of 10,000")

@@ -18,7 +18,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from xdl.analyzers.base import Analyzer, Context, Result
 from xdl.errors import XdlError
