@@ -12,8 +12,7 @@ matplotlib) nor any analyzer until they are used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from xdl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,11 +39,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'xdl' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

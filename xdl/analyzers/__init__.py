@@ -6,8 +6,7 @@ plugins`` and ``--method`` help answer without it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from xdl._lazy import lazy_exports
 
 _EXPORTS = {
     "Analyzer": "xdl.analyzers.base",
@@ -27,7 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'xdl.analyzers' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
