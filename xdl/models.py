@@ -51,21 +51,30 @@ def _check(config: dict) -> None:
         raise XdlError(f"dropout must be in [0, 1), got {dropout}")
 
 
+def _dense(width: int, hidden: list[int], num_classes: int, config: dict, batch_norm: bool) -> list[nn.Module]:
+    """Linear [→ BatchNorm] → activation [→ Dropout] per hidden width, then the output layer.
+
+    The order is part of the saved format: state-dict keys are these layers' positions.
+    """
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers.append(nn.Linear(width, size))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(size))
+        layers.append(_activation(config["activation"]))
+        if config.get("dropout"):
+            layers.append(nn.Dropout(config["dropout"]))
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return layers
+
+
 def build_mlp(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     _check(config)
     features = math.prod(in_shape)
     stats_shape = (in_shape[0], 1, 1) if len(in_shape) == 3 else tuple(in_shape)
     layers: list[nn.Module] = [Normalize(stats_shape), nn.Flatten()]
-    width = features
-    for hidden in config["hidden"]:
-        layers.append(nn.Linear(width, hidden))
-        if config.get("batch_norm"):
-            layers.append(nn.BatchNorm1d(hidden))
-        layers.append(_activation(config["activation"]))
-        if config.get("dropout"):
-            layers.append(nn.Dropout(config["dropout"]))
-        width = hidden
-    layers.append(nn.Linear(width, num_classes))
+    layers += _dense(features, config["hidden"], num_classes, config, batch_norm=bool(config.get("batch_norm")))
     return nn.Sequential(*layers)
 
 
@@ -89,13 +98,9 @@ def build_cnn(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.S
         flat = nn.Sequential(*layers[1:], nn.Flatten())(torch.zeros(1, *in_shape)).shape[1]
     layers.append(nn.Flatten())
     # The dense head: one width (the saved default) or a list, as --hidden gives for mlp.
+    # batch_norm is the conv blocks' option; the head never had one.
     hidden = config["hidden"]
-    for width in [hidden] if isinstance(hidden, int) else hidden:
-        layers += [nn.Linear(flat, width), _activation(config["activation"])]
-        if config.get("dropout"):
-            layers.append(nn.Dropout(config["dropout"]))
-        flat = width
-    layers.append(nn.Linear(flat, num_classes))
+    layers += _dense(flat, [hidden] if isinstance(hidden, int) else hidden, num_classes, config, batch_norm=False)
     return nn.Sequential(*layers)
 
 
