@@ -217,8 +217,6 @@ def analyze(
             run=run, device=dev, seed=run.seed if seed is None else seed, batch_size=batch_size,
             target=target, split=split, indices=index, progress=progress,
         )
-    if isinstance(target, int) and not 0 <= target < ctx.num_classes:
-        raise XdlError(f"target class {target} does not exist: this model has classes 0..{ctx.num_classes - 1}")
     if world.size > 1 and kind != "report":
         result = distributed.analyze_shards(analyzer, ctx, parsed, world)
     else:  # a report describes a whole split or the model: each rank computes it whole

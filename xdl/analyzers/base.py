@@ -131,6 +131,13 @@ class Context:
     indices: np.ndarray | None = None  # positions of x within the split, when known
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        # Checked once here, for every analyzer, whether or not it ever calls targets().
+        if isinstance(self.target, (int, np.integer)) and not 0 <= self.target < self.num_classes:
+            raise XdlError(
+                f"target class {self.target} does not exist: this model has classes 0..{self.num_classes - 1}"
+            )
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -168,10 +175,7 @@ class Context:
             if self.y is None:
                 raise XdlError("--target true needs labels, and these samples have none")
             return self.y.long().cpu()
-        target = int(self.target)
-        if not 0 <= target < self.num_classes:
-            raise XdlError(f"target class {target} does not exist: this model has {self.num_classes} classes")
-        return torch.full((len(self.x),), target, dtype=torch.long)
+        return torch.full((len(self.x),), int(self.target), dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------------------
