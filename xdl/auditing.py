@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from xdl.analyzers.base import Analyzer, Context, Result, parse_params
+from xdl.analyzers.base import Analyzer, Context, Finding, Result, parse_params
 from xdl.analyzers.registry import PluginInfo, discover, load_analyzer
 from xdl.errors import XdlError
 from xdl.io import _jsonable, atomic_write, write_json
@@ -64,17 +64,6 @@ class Section:
     @property
     def anchor(self) -> str:
         return f"{self.kind}-{self.method}"
-
-
-@dataclass
-class Finding:
-    """One line of the summary on top: a headline number and where it comes from."""
-
-    label: str
-    value: str
-    detail: str = ""
-    source: str = ""  # the section key it was read from; empty for the run's own metrics
-    level: str = "info"  # "info" | "warn": a warn finding is drawn attention to
 
 
 @dataclass

@@ -11,6 +11,7 @@ from xdl._lazy import lazy_exports
 _EXPORTS = {
     "Analyzer": "xdl.analyzers.base",
     "Context": "xdl.analyzers.base",
+    "Finding": "xdl.analyzers.base",
     "NoParams": "xdl.analyzers.base",
     "Result": "xdl.analyzers.base",
     "analyze": "xdl.analyzers.base",

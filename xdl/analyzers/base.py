@@ -184,6 +184,22 @@ class Context:
 
 
 @dataclass
+class Finding:
+    """One line of the audit's summary: a headline number and the section it comes from.
+
+    Each analyzer turns its own Result into findings (``Analyzer.findings``), so the audit
+    names no plugin's metric keys.
+    """
+
+    label: str
+    value: str
+    detail: str = ""
+    source: str = ""  # the section key ("attack/pgd") it was read from; empty for the run's own metrics
+    level: str = "info"  # "info" | "warn": a warn finding is drawn attention to
+    help: str = ""  # one plain sentence on how to read the number and what would be worrying
+
+
+@dataclass
 class Result:
     """What an analyzer returns. ``save(dir)`` writes result.json, PNGs, CSVs and arrays.npz.
 
@@ -200,6 +216,9 @@ class Result:
     tables: dict[str, list[dict]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # What the numbers were computed on: split, indices digest, sample count, target, seed,
+    # model and data digests, xdl version. Filled by the core, saved in result.json.
+    provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     def add_figure(self, name: str, fig: Any, dpi: int = 110) -> None:
@@ -260,6 +279,7 @@ class Result:
                 "metrics": self.metrics,
                 "params": self.params,
                 "warnings": self.warnings,
+                "provenance": self.provenance,
                 "tables": self.tables,
                 "figures": [f"{n}.png" for n in self.figures],
                 "arrays": sorted(self.arrays),
@@ -281,6 +301,7 @@ class Result:
             tables=info.get("tables", {}),
             params=info.get("params", {}),
             warnings=info.get("warnings", []),
+            provenance=info.get("provenance", {}),
             path=folder,
         )
         for name in info.get("figures", []):
@@ -331,9 +352,17 @@ class Analyzer:
     applies_to: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
     description: ClassVar[str] = ""
     check_params: ClassVar[dict[str, Any]] = {}
+    # "samples": per-sample work that torchrun may split across ranks and ``merge`` joins;
+    # "none": needs the whole split (a PCA, a report) and runs whole on rank 0.
+    sharding: ClassVar[str] = "none"
 
     def run(self, ctx: Context, params: Any) -> Result:
         raise NotImplementedError
+
+    @classmethod
+    def findings(cls, result: Result) -> list[Finding]:
+        """The audit summary lines this result supports; an analyzer knows its own metric keys."""
+        return []
 
     @classmethod
     def applies(cls, ctx: Context) -> bool:
