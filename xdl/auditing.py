@@ -1,7 +1,7 @@
 """``xdl audit``: every analyzer that applies to a run, gathered into one HTML page.
 
 The audit adds no analysis of its own. It runs each registered analyzer through
-:func:`xdl.api.analyze` — the same path ``xdl explain/attack/report`` take — with the
+:func:`xdl.analysis.analyze` — the same path ``xdl explain/attack/report`` take — with the
 analyzer's defaults, except for two choices of its own: an FGSM eps sweep on images and
 PGD at one eps. A result already saved in the run with exactly those parameters is
 reused. The Results go to :mod:`xdl.render`, which knows no analyzer by name, so a
@@ -253,7 +253,7 @@ def _probe(run: Run) -> Context:
 
 def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str, dict], *, samples: int | None,
              recompute: bool, eps: float, device: str) -> Section:
-    from xdl.api import analyze
+    from xdl.analysis import analyze
 
     started = time.perf_counter()
     overrides = audit_params(info.kind, info.name, run.data.kind, eps)
