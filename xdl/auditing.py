@@ -56,6 +56,7 @@ class Section:
     samples: int | None = None  # how many samples the audit gave it (None: reused or whole split)
     requested: dict[str, Any] = field(default_factory=dict)  # the params the audit asked for
     package: str = "xdl"
+    guide: str = ""  # the analyzer's reading guide for the page
 
     @property
     def key(self) -> str:
@@ -103,6 +104,7 @@ class Audit:
             "metrics": info.get("metrics", {}),
             "compute": info.get("compute") or {},
             "versions": info.get("versions", {}),
+            "imported": info.get("imported"),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -194,6 +196,7 @@ def audit(
             continue
         cpu = time.process_time()
         section = _run_one(run, info, cls, earlier, samples=samples, recompute=recompute, eps=eps, device=device)
+        section.guide = cls.guide or cls.description
         section.cpu_seconds = time.process_time() - cpu
         sections.append(section)
         if progress:

@@ -123,6 +123,11 @@ class Activations(Analyzer):
     Params = Params
     samples = 4
     description = "feature maps, per-layer activation statistics, dead ReLU units, first-layer filters"
+    guide = (
+        "What each layer responds to. A large share of dead ReLU units (never positive) wastes capacity and "
+        "often follows too high a learning rate; first-layer filters that look like noise suggest under-"
+        "training."
+    )
 
     def run(self, ctx: Context, params: Params) -> Result:
         layers = watched(ctx.model, params.layers)

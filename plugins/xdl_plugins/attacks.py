@@ -138,6 +138,11 @@ class Fgsm(_Attack):
 
     Params: ClassVar[type] = FgsmParams
     description: ClassVar[str] = "FGSM: one signed-gradient step of size eps"
+    guide: ClassVar[str] = (
+        "Accuracy after each input is pushed by eps (in pixel units of [0, 1]) in the direction that most increases the "
+        "loss, in one step (Goodfellow et al. 2015). A single step is a weak attack: a high number here proves little "
+        "until PGD and AutoAttack agree with it."
+    )
 
     def perturb(self, ctx, x, y, eps, params, mask):
         return robust.fgsm(ctx.model, x, y, eps, input_range=ctx.input_range, mask=mask)
@@ -151,6 +156,11 @@ class Pgd(_Attack):
 
     Params: ClassVar[type] = PgdParams
     description: ClassVar[str] = "PGD: iterated projected gradient steps in the L∞ or L2 eps-ball"
+    guide: ClassVar[str] = (
+        "Accuracy under many small gradient steps kept within eps of the input (Madry et al. 2018): the standard "
+        "first-order attack. Robust accuracy far below clean accuracy means small, invisible changes flip predictions; "
+        "a number that stays high while FGSM or black-box attacks do better hints at masked gradients."
+    )
 
     def perturb(self, ctx, x, y, eps, params, mask):
         return robust.pgd(

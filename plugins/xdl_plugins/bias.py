@@ -53,6 +53,11 @@ class Bias(Analyzer):
     Params = BiasParams
     samples = None
     description = "per-class F1, group fairness (fairlearn), image segments"
+    guide = (
+        "How evenly the model serves each class and group. A worst class far below the best, or a disparate "
+        "impact below 0.8 (the four-fifths rule of the US EEOC), is worth investigating; wide bootstrap "
+        "intervals mean too few samples to tell."
+    )
 
     def run(self, ctx: Context, params: BiasParams) -> Result:
         if ctx.y is None:

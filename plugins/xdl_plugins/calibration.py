@@ -37,6 +37,10 @@ class Calibration(Analyzer):
     Params = CalibrationParams
     samples = None
     description = "expected calibration error, reliability diagram, temperature scaling"
+    guide = (
+        "Whether a predicted 90% confidence is right 90% of the time. ECE above about 0.05 means confidences "
+        "should not be taken at face value; temperature scaling often fixes it (Guo et al. 2017)."
+    )
 
     def run(self, ctx: Context, params: CalibrationParams) -> Result:
         if ctx.y is None:

@@ -47,6 +47,11 @@ class Embedding(Analyzer):
     Params = Params
     samples = None  # the whole split: a projection of a handful of points shows nothing
     description = "penultimate-layer features projected to 2-D (PCA, t-SNE), by class and group"
+    guide = (
+        "The model's last internal representation, projected to 2-D. Well-separated class clusters mean the "
+        "model has learnt distinct features; clusters organised by a sensitive group instead of the class are"
+        " a warning. t-SNE distances between clusters are not meaningful."
+    )
 
     def run(self, ctx: Context, params: Params) -> Result:
         from sklearn.decomposition import PCA

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xdl.analyzers.base import Analyzer, Context, Result
+from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
 from xdl_plugins.shap import POINTS_PER_BATCH, require_classifier
 
 # lime's own defaults: LimeImageExplainer and LimeTabularExplainer.explain_instance.
@@ -53,6 +53,11 @@ class Lime(Analyzer):
     Params = LimeParams
     samples = 8
     description = "LIME: superpixel (images) or column (tables) weights of a local linear surrogate"
+    guide = (
+        "Weights of a simple linear model fitted to the classifier around this one input (Ribeiro et al. "
+        "2016). A low surrogate R² means the linear story does not describe the model here; do not read the "
+        "weights then."
+    )
     check_params = {"segmentation": "slic", "n_segments": 8, "num_samples": 50}
 
     def run(self, ctx: Context, params: LimeParams) -> Result:
@@ -79,7 +84,8 @@ class Lime(Analyzer):
         result.arrays.update(weights=weights, segments=np.stack(segments), target=targets.numpy())
         result.metrics.update(mean_superpixels=float(np.mean([s.max() + 1 for s in segments])), mean_r2=float(scores.mean()))
         result.summary = f"LIME on {len(ctx.x)} images ({count} perturbations each); surrogate R² {scores.mean():.2f} on average"
-        result.add_figure("lime", outline_figure(ctx, segments, weights, targets, params.top))
+        if figures_wanted():  # the outlines cost more than a fit; skipped when only the weights are wanted
+            result.add_figure("lime", outline_figure(ctx, segments, weights, targets, params.top))
         return result
 
 

@@ -38,6 +38,11 @@ class Overfit(Analyzer):
     Params = OverfitParams
     samples = None
     description = "learning curves, generalization gap, over/underfitting diagnosis"
+    guide = (
+        "Training against validation loss and accuracy by epoch. A validation loss that rises while training "
+        "loss falls is overfitting; both high is underfitting. The gap is measured on clean, eval-mode "
+        "passes."
+    )
 
     def run(self, ctx: Context, params: OverfitParams) -> Result:
         if ctx.run is None:

@@ -143,6 +143,11 @@ class Saliency(Attribution):
 
     Params = SaliencyParams
     description = "gradient of the target class score w.r.t. the input"
+    guide = (
+        "Bright pixels are those whose small change moves the class score most. Raw gradients are noisy and "
+        "can highlight edges for any model; check the trust report's randomization test before reading "
+        "meaning into a map (Adebayo et al. 2018)."
+    )
 
     def cmap(self, params) -> str:
         return "hot" if params.abs else "bwr"
@@ -168,6 +173,11 @@ class IntegratedGradients(Attribution):
 
     Params = IGParams
     description = "integrated gradients from a zeros, blurred or mean baseline"
+    guide = (
+        "Attributions add up to the score difference between the input and the baseline (Sundararajan et al. "
+        "2017). A convergence delta that is large next to the attributions means too few steps; maps that "
+        "change little on a randomized model are not explaining this model."
+    )
     check_params = {"steps": 8}
 
     def attribute(self, ctx, x, target, params):
@@ -197,6 +207,11 @@ class SmoothGrad(Attribution):
 
     Params = SmoothGradParams
     description = "saliency averaged over Gaussian-noised copies of the input"
+    guide = (
+        "Averaging gradients over noisy copies removes speckle (Smilkov et al. 2017); what stays bright is "
+        "evidence robust to small noise. Blurry maps that look the same for every class mean the noise level "
+        "is too high."
+    )
     check_params = {"samples": 3}
 
     def cmap(self, params) -> str:
@@ -226,6 +241,11 @@ class GradCam(Attribution):
     Params = GradCamParams
     applies_to = frozenset({"image"})
     description = "Grad-CAM on the last conv layer, upsampled to the input"
+    guide = (
+        "Coarse regions that raised the class score, from the last convolutional layer (Selvaraju et al. "
+        "2017). Heat on the background rather than the object is the classic sign of a shortcut; the map's "
+        "resolution is the layer's, not the image's."
+    )
 
     def cmap(self, params) -> str:
         return "hot" if params.relu else "bwr"
@@ -269,6 +289,11 @@ class Occlusion(Attribution):
 
     Params = OcclusionParams
     description = "score drop when a sliding patch of the input is hidden"
+    guide = (
+        "How much the score drops when each patch is covered (Zeiler & Fergus 2014): a direct, model-agnostic"
+        " test. Large drops off the object, or none anywhere, are worrying; results depend on the patch size "
+        "and fill value."
+    )
     check_params = {"window": 2, "stride": 2}
 
     def attribute(self, ctx, x, target, params):
@@ -302,6 +327,11 @@ class DeepLift(Attribution):
 
     Params = DeepLiftParams
     description = "DeepLIFT (rescale rule) relative to a zeros, blurred or mean baseline"
+    guide = (
+        "Contributions of each input relative to the baseline (Shrikumar et al. 2017); they should sum to the"
+        " score difference. A convergence gap as large as the attributions themselves means the rule does not"
+        " hold for this architecture: trust IG instead."
+    )
 
     def attribute(self, ctx, x, target, params):
         from captum.attr import DeepLift as CaptumDeepLift

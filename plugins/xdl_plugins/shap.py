@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xdl.analyzers.base import Analyzer, Context, Result
+from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
 from xdl.errors import XdlError
 
 # Points per gradient batch, as a multiple of --batch-size: large enough to keep a device
@@ -58,6 +58,11 @@ class Shap(Analyzer):
     Params = ShapParams
     samples = 16
     description = "SHAP values: expected gradients or DeepSHAP (images), KernelSHAP (tables)"
+    guide = (
+        "Each value is a feature's share of the gap between this prediction and the average one (Lundberg & "
+        "Lee 2017). Shares that do not add up (the additivity gap) or that concentrate on features a person "
+        "knows to be irrelevant are worrying."
+    )
     check_params = {"background": 8, "clusters": 4, "nsamples": 16}
 
     def run(self, ctx: Context, params: ShapParams) -> Result:
@@ -95,7 +100,7 @@ class Shap(Analyzer):
         )
         if ctx.kind == "tabular":
             tabular_outputs(ctx, values[0].numpy(), expected[classes[0]].numpy(), result)
-        else:
+        elif figures_wanted():
             from xdl.plotting import attribution_grid
 
             titles = [f"class {ctx.class_names[t] if ctx.class_names else t}" for t in target.tolist()]

@@ -62,6 +62,11 @@ class Trust(Analyzer):
     Params = TrustParams
     samples = 16
     description = "which explain method to trust: deletion/insertion vs random, randomization check, agreement"
+    guide = (
+        "Which explanation reflects what the model really uses: a faithful map deletes the evidence faster "
+        "than a random order, and must change when the model's weights are randomized (Adebayo et al. 2018). "
+        "A method that fails the randomization check is explaining the input, not the model."
+    )
     check_params = {"methods": ["saliency", "deeplift"], "steps": 4, "orders": 1}  # one backward pass each
 
     def run(self, ctx: Context, params: TrustParams) -> Result:

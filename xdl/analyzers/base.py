@@ -8,6 +8,7 @@ resolving the target class — lives here, so a method's own file holds only the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import io
 import json
@@ -183,6 +184,27 @@ class Context:
 # -----------------------------------------------------------------------------------------
 
 
+# Off while an analyzer is re-run only for its numbers (the trust report's randomization
+# checks re-explain the same samples once per layer): drawing figures nobody sees was a
+# third of that work.
+_FIGURES: contextvars.ContextVar[bool] = contextvars.ContextVar("xdl_figures", default=True)
+
+
+@contextlib.contextmanager
+def without_figures() -> Iterator[None]:
+    """Within this block, ``Result.add_figure`` discards figures instead of rendering them."""
+    token = _FIGURES.set(False)
+    try:
+        yield
+    finally:
+        _FIGURES.reset(token)
+
+
+def figures_wanted() -> bool:
+    """False inside :func:`without_figures`: an analyzer may skip building a costly figure."""
+    return _FIGURES.get()
+
+
 @dataclass
 class Finding:
     """One line of the audit's summary: a headline number and the section it comes from.
@@ -225,12 +247,13 @@ class Result:
         """Render a matplotlib figure to PNG and close it (figures never leak between runs)."""
         import sys
 
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        if figures_wanted():
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+            self.figures[name] = buffer.getvalue()
         # Only pyplot keeps figures alive; xdl.plotting's bare Figures need no pyplot (nor its backend).
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close(fig)
-        self.figures[name] = buffer.getvalue()
 
     def save(self, folder: str | Path) -> Path:
         """Write the result as a whole: an earlier result in ``folder`` is replaced, not mixed in.
@@ -351,6 +374,9 @@ class Analyzer:
     samples: ClassVar[int | None] = 16
     applies_to: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
     description: ClassVar[str] = ""
+    # One or two plain sentences for the audit page: how to read this section and what
+    # would be worrying (with the literature reference where there is one).
+    guide: ClassVar[str] = ""
     check_params: ClassVar[dict[str, Any]] = {}
     # "samples": per-sample work that torchrun may split across ranks and ``merge`` joins;
     # "none": needs the whole split (a PCA, a report) and runs whole on rank 0.

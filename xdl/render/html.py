@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xdl.render.cards import run_cards
+
 if TYPE_CHECKING:
     from jinja2 import Environment
 
@@ -37,7 +39,7 @@ def _environment() -> "Environment":
         loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters.update(datauri=datauri, num=num, flat=flat, columns=columns, label=label)
+    env.filters.update(datauri=datauri, num=num, flat=flat, columns=columns, label=label, cards=run_cards)
     return env
 
 
