@@ -138,6 +138,7 @@ def test_audit_json_is_the_page_without_images(audited, audit_json):
     by_key = {f"{s['kind']}/{s['method']}": s for s in data["sections"]}
     pgd = by_key["attack/pgd"]
     assert pgd["status"] == "computed" and pgd["samples"] == 8 and pgd["params"]["eps"] == 0.1
+    assert pgd["computed_on"] == "8 samples of the test split" and pgd["provenance"]["samples"] == 8
     for figure in pgd["figures"]:
         assert (audited.run.path / figure).is_file()
     assert data["settings"]["eps"] == 0.1
@@ -161,25 +162,42 @@ def test_third_party_section_is_rendered_and_escaped(audited, html):
     assert "nested.a" in html and "first 12 of 30 rows" in html and "column_39" in html
 
 
-def test_saved_results_are_reused_unless_recompute(audited, audit_json):
+def test_saved_results_are_reused_only_for_what_they_were_computed_on(audited, audit_json):
     run = audited.run
     pgd = run.path / "attack" / "pgd" / "result.json"
     before = pgd.stat().st_mtime_ns
-    again = xdl.audit(run, only=["pgd"], progress=False)
+    saved = json.loads(pgd.read_text())["provenance"]
+    assert saved["split"] == "test" and saved["samples"] == 8 and len(saved["indices"]) == 8
+    assert saved["params"]["eps"] == 0.1 and saved["seed"] == run.seed and saved["target"] == "predicted"
+    again = xdl.audit(run, only=["pgd"], samples=8, progress=False)
     assert again.sections[0].status == "reused" and pgd.stat().st_mtime_ns == before
-    # Another eps is another result: computed beside the first, which stays.
-    other = xdl.audit(run, only=["pgd"], eps=0.05, samples=4, progress=False)
-    assert other.sections[0].status == "computed" and other.sections[0].result.path.name == "pgd-2"
-    redo = xdl.audit(run, only=["pgd"], samples=4, recompute=True, progress=False)
+    assert again.sections[0].computed_on == "8 samples of the test split"
+    # The 8-sample result does not stand for the whole test split's robust accuracy.
+    whole = xdl.audit(run, only=["pgd"], progress=False)
+    assert whole.sections[0].status == "computed" and whole.sections[0].result.path.name == "pgd-2"
+    assert whole.sections[0].result.provenance["samples"] == len(run.data.test)
+    # Nor does one the user made on another split with the same parameters.
+    shutil.rmtree(run.path / "attack" / "pgd-2")
+    xdl.attack(run, "pgd", samples=len(run.data.test), split="train", params={"eps": 0.1})
+    assert (run.path / "attack" / "pgd-2").is_dir()
+    other = xdl.audit(run, only=["pgd"], progress=False)
+    assert other.sections[0].status == "computed" and other.sections[0].result.path.name == "pgd-3"
+    redo = xdl.audit(run, only=["pgd"], samples=8, recompute=True, progress=False)
     assert redo.sections[0].status == "computed" and redo.sections[0].result.path.name == "pgd"
-    assert pgd.stat().st_mtime_ns != before and not (run.path / "attack" / "pgd-3").exists()
+    assert pgd.stat().st_mtime_ns != before and not (run.path / "attack" / "pgd-4").exists()
 
 
-def test_a_result_whose_params_were_resolved_is_reused_through_audit_json(audited, audit_json, third_party):
-    # The fixture's audit asked Wide for mode=auto and saved mode=fast; it recorded both.
-    assert json.loads((audited.run.path / "report" / "wide" / "result.json").read_text())["params"] == {"mode": "fast"}
-    again = xdl.audit(audited.run, only=["wide"], progress=False)
-    assert again.sections[0].status == "reused" and not (audited.run.path / "report" / "wide-2").exists()
+def test_reuse_needs_the_same_weights(audited, audit_json, tmp_path):
+    run = copy_run(audited.run, tmp_path / "run")
+    shutil.copytree(audited.run.path / "attack" / "pgd", run / "attack" / "pgd")
+    assert xdl.audit(run, only=["pgd"], samples=8, progress=False).sections[0].status == "reused"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "model.safetensors"))
+    first = next(iter(state))
+    state[first] = state[first] + 0.01
+    save_file(state, str(run / "model.safetensors"))
+    assert xdl.audit(run, only=["pgd"], samples=8, progress=False).sections[0].status == "computed"
 
 
 def test_only_and_skip_choose_analyzers():

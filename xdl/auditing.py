@@ -3,8 +3,9 @@
 The audit adds no analysis of its own. It runs each registered analyzer through
 :func:`xdl.analysis.analyze` — the same path ``xdl explain/attack/report`` take — with the
 analyzer's defaults, except for two choices of its own: an FGSM eps sweep on images and
-PGD at one eps. A result already saved in the run with exactly those parameters is
-reused. The Results go to :mod:`xdl.render`, which knows no analyzer by name, so a
+PGD at one eps. A result already saved in the run is reused only when its provenance —
+split, sample indices, target, seed, parameters, xdl version, model and data digests —
+equals what this audit asks for (:mod:`xdl.provenance`). The Results go to :mod:`xdl.render`, which knows no analyzer by name, so a
 third-party analyzer gets its section the same way a built-in does.
 
 (This module is not ``xdl/audit.py`` on purpose: importing a submodule ``xdl.audit``
@@ -24,10 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from xdl.analyzers.base import Analyzer, Context, Finding, Result, parse_params
+from xdl.analyzers.base import Analyzer, Context, Finding, Result
 from xdl.analyzers.registry import PluginInfo, discover, load_analyzer
 from xdl.errors import XdlError
-from xdl.io import _jsonable, atomic_write, write_json
+from xdl.io import atomic_write, write_json
 from xdl.run import Run
 
 # FGSM sweep for images, in pixel units of the [0, 1] input range: from no attack (the
@@ -54,7 +55,6 @@ class Section:
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time, all threads: what a busy machine does not inflate
     samples: int | None = None  # how many samples the audit gave it (None: reused or whole split)
-    requested: dict[str, Any] = field(default_factory=dict)  # the params the audit asked for
     package: str = "xdl"
 
     @property
@@ -65,6 +65,13 @@ class Section:
     def anchor(self) -> str:
         return f"{self.kind}-{self.method}"
 
+    @property
+    def computed_on(self) -> str:
+        """``"8 samples of the test split"``, from the result's provenance."""
+        from xdl.provenance import describe
+
+        return describe(self.result.provenance) if self.result is not None else ""
+
 
 @dataclass
 class Audit:
@@ -73,8 +80,6 @@ class Audit:
     findings: list[Finding]
     not_applicable: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    # result folder → the params an audit asked for and the params saved there, for reuse
-    requested: dict[str, dict] = field(default_factory=dict)
     created: str = ""
     seconds: float = 0.0
 
@@ -121,7 +126,7 @@ class Audit:
                 folder = r.path.resolve().relative_to(self.run.path.resolve()) if r.path else None
                 entry.update(
                     path=str(folder) if folder else None, summary=r.summary, metrics=r.metrics, params=r.params,
-                    warnings=r.warnings, tables=r.tables,
+                    computed_on=s.computed_on, provenance=r.provenance, warnings=r.warnings, tables=r.tables,
                     figures=[str(folder / f"{name}.png") if folder else f"{name}.png" for name in r.figures],
                 )
             sections.append(entry)
@@ -133,7 +138,6 @@ class Audit:
             "findings": [dataclasses.asdict(f) for f in self.findings],
             "not_applicable": self.not_applicable,
             "sections": sections,
-            "requested": self.requested,
         }
 
 
@@ -173,7 +177,6 @@ def audit(
     if probe.input_range is not None and eps > probe.input_range[1] - probe.input_range[0]:
         lo, hi = probe.input_range
         raise XdlError(f"--eps {eps:g} is larger than the whole input range [{lo:g}, {hi:g}] of {probe.kind} data")
-    earlier = _earlier(run)
     planned: list[tuple[PluginInfo, type[Analyzer] | None, tuple[str, str]]] = []
     not_applicable = []
     for info in plugins:
@@ -193,7 +196,7 @@ def audit(
             sections.append(Section(info.kind, info.name, "failed", error=error, traceback=trace, package=info.package))
             continue
         cpu = time.process_time()
-        section = _run_one(run, info, cls, earlier, samples=samples, recompute=recompute, eps=eps, device=device)
+        section = _run_one(run, info, cls, samples=samples, recompute=recompute, eps=eps, device=device)
         section.cpu_seconds = time.process_time() - cpu
         sections.append(section)
         if progress:
@@ -202,7 +205,6 @@ def audit(
         run=run, sections=sections, findings=findings(run, sections, eps), not_applicable=not_applicable,
         settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
                   "fgsm_sweep": list(FGSM_SWEEP), "device": device},
-        requested=_requested(run, earlier, sections),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     result.seconds = time.perf_counter() - started
@@ -251,20 +253,20 @@ def _probe(run: Run) -> Context:
     )
 
 
-def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str, dict], *, samples: int | None,
-             recompute: bool, eps: float, device: str) -> Section:
-    from xdl.analysis import analyze
+def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | None, recompute: bool, eps: float,
+             device: str) -> Section:
+    from xdl.analysis import analyze, expected_provenance
 
     started = time.perf_counter()
     overrides = audit_params(info.kind, info.name, run.data.kind, eps)
+    count = cls.samples if samples is None else min(samples, cls.samples or samples)
     try:
-        wanted = _jsonish(dataclasses.asdict(parse_params(cls.Params, overrides)))
-        saved = _saved(run, info.kind, info.name, wanted, earlier)
+        wanted = expected_provenance(run, info.kind, info.name, samples=count, params=overrides)
+        saved = _saved(run, info.kind, info.name, wanted)
         if saved is not None and not recompute:
             result = Result.load(saved)
             return Section(info.kind, info.name, "reused", result, seconds=time.perf_counter() - started,
-                           package=info.package, requested=wanted)
-        count = cls.samples if samples is None else min(samples, cls.samples or samples)
+                           package=info.package)
         out = saved or run.result_dir(info.kind, info.name)
         result = analyze(info.kind, run, info.name, samples=count, params=overrides, device=device, out=out)
     except Exception as exc:  # recorded in the page and audit.json; one analyzer's failure ends only its section
@@ -272,7 +274,7 @@ def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str,
         return Section(info.kind, info.name, "failed", error=error, traceback=trace,
                        seconds=time.perf_counter() - started, package=info.package)
     return Section(info.kind, info.name, "computed", result, seconds=time.perf_counter() - started,
-                   samples=count, package=info.package, requested=wanted)
+                   samples=count, package=info.package)
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -282,33 +284,15 @@ def _failure(exc: Exception) -> tuple[str, str]:
     return f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
-def _earlier(run: Run) -> dict[str, dict]:
-    """What earlier audits asked of each result folder still there (relative to the run); {} without one."""
-    path = run.path / "audit.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8")).get("requested", {}) if path.is_file() else {}
-    except (ValueError, AttributeError):  # a damaged audit.json only costs recomputation; it is rewritten below
-        return {}
-    return {k: v for k, v in index.items() if isinstance(v, dict) and (run.path / k / "result.json").is_file()}
+def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any]) -> Path | None:
+    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) whose provenance is ``wanted``.
 
-
-def _requested(run: Run, earlier: dict[str, dict], sections: list[Section]) -> dict[str, dict]:
-    """``earlier`` updated with this audit's results: kept across audits that ran only some analyzers."""
-    index = dict(earlier)
-    for s in sections:
-        if s.result is not None and s.result.path is not None:
-            folder = str(s.result.path.resolve().relative_to(run.path.resolve()))
-            index[folder] = {"requested": s.requested, "params": _jsonish(s.result.params)}
-    return dict(sorted(index.items()))
-
-
-def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any], earlier: dict[str, dict]) -> Path | None:
-    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) computed with ``wanted`` params.
-
-    A result's own params may differ from what was asked (an analyzer records ``method:
-    auto`` as the method it chose), so a folder the last audit computed with ``wanted``
-    also counts, as long as its params are still the ones that audit saw.
+    A result computed on other samples, another split, target or seed, other weights or
+    data, or by another xdl version does not stand for the one asked for, whatever its
+    parameters; one saved without provenance is never reused.
     """
+    from xdl.provenance import same
+
     pattern = re.compile(rf"{re.escape(method)}(?:-(\d+))?")
     found = []
     for key, folder in run.results(kind).items():
@@ -316,18 +300,13 @@ def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any], earlier: di
         if match:
             found.append((int(match.group(1) or 1), folder))
     for _, folder in sorted(found, reverse=True):
-        params = _jsonish(json.loads((folder / "result.json").read_text(encoding="utf-8")).get("params", {}))
-        if all(params.get(k) == v for k, v in wanted.items()):
-            return folder
-        entry = earlier.get(str(folder.relative_to(run.path)), {})
-        if entry.get("requested") == wanted and entry.get("params") == params:
+        try:
+            saved = json.loads((folder / "result.json").read_text(encoding="utf-8")).get("provenance")
+        except (ValueError, AttributeError):  # a damaged result.json is recomputed, not reused
+            continue
+        if same(saved, wanted):
             return folder
     return None
-
-
-def _jsonish(value: Any) -> Any:
-    """The value as it reads back from result.json, so saved and wanted params compare equal."""
-    return json.loads(json.dumps(value, default=_jsonable))
 
 
 def _progress(items: list, enabled: bool):
