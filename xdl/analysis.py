@@ -96,7 +96,7 @@ def analyze(
     analyzer = cls()
     parsed = parse_params(cls.Params, params)
     count = cls.samples if samples == "default" else samples
-    world = distributed.join(device)  # under torchrun, explain/attack samples are shared out
+    world = distributed.join(device)  # under torchrun, a "samples" analyzer's samples are shared out
     dev = distributed.local_device(device, world)
     if evaluate and (kind != "explain" or world.size > 1):
         raise XdlError("--evaluate applies to xdl explain in one process (it re-explains every sample on altered models)")
@@ -132,10 +132,12 @@ def analyze(
             target=target, split=split, indices=index, progress=progress,
         )
         fingerprint = _fingerprint(run, part)
-    if world.size > 1 and kind != "report":
+    if world.size > 1 and cls.sharding == "samples":
         result = distributed.analyze_shards(analyzer, ctx, parsed, world)
-    else:  # a report describes a whole split or the model: each rank computes it whole
+    elif world.main:  # a PCA, a report: it needs the whole split, so rank 0 computes it
         result = run_analyzer(analyzer, ctx, parsed)
+    else:  # and the other ranks wait for it in leave()
+        result = None
     if evaluate:
         from xdl.evaluation import evaluate as evaluate_result
 

@@ -52,6 +52,7 @@ class Lime(Analyzer):
     kind = "explain"
     Params = LimeParams
     samples = 8
+    sharding = "samples"
     description = "LIME: superpixel (images) or column (tables) weights of a local linear surrogate"
     check_params = {"segmentation": "slic", "n_segments": 8, "num_samples": 50}
 

@@ -57,6 +57,7 @@ class Shap(Analyzer):
     kind = "explain"
     Params = ShapParams
     samples = 16
+    sharding = "samples"
     description = "SHAP values: expected gradients or DeepSHAP (images), KernelSHAP (tables)"
     check_params = {"background": 8, "clusters": 4, "nsamples": 16}
 
