@@ -208,38 +208,53 @@ def test_only_and_skip_choose_analyzers():
         select(plugins, ["nope"], None)
 
 
-def test_findings_read_known_keys_and_skip_missing(digits_run):
-    fgsm = Result("fgsm", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.0, "eps": 0.3},
-                  tables={"robustness": [{"eps": 0.0, "robust_accuracy": 0.9}, {"eps": 0.1, "robust_accuracy": 0.4}]})
-    sections = [Section("attack", "fgsm", "computed", fgsm), Section("report", "bias", "failed", error="no groups")]
-    found = findings(digits_run, sections, eps=0.1)
-    assert [f.label for f in found] == ["Test accuracy", "Robust accuracy (eps 0.1)"]
+def test_each_attack_quotes_its_own_eps_and_a_failed_section_has_no_findings(digits_run):
+    fgsm = Result("fgsm", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.3, "eps": 0.3, "samples": 50},
+                  tables={"robustness": [{"eps": 0.0, "robust_accuracy": 0.9}, {"eps": 0.3, "robust_accuracy": 0.3}]})
+    pgd = Result("pgd", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.6, "eps": 0.05, "samples": 8})
+    sections = [Section("attack", "fgsm", "computed", fgsm), Section("attack", "pgd", "reused", pgd),
+                Section("report", "bias", "failed", error="no groups")]
+    found = findings(digits_run, sections)
+    assert [f.label for f in found] == ["Test accuracy", "Robust accuracy (FGSM, eps 0.3)", "Robust accuracy (PGD, eps 0.05)"]
     assert found[0].value == f"{100 * digits_run.metrics['test_accuracy']:.1f}%"
-    assert found[1].value == "40.0%" and found[1].level == "warn" and found[1].source == "attack/fgsm"
-    assert [f.label for f in findings(digits_run, sections, eps=0.2)] == ["Test accuracy"]
+    assert (found[1].value, found[1].level, found[1].source) == ("30.0%", "warn", "attack/fgsm")
+    assert "sweep 90% at 0, 30% at 0.3" in found[1].detail and "on 50 samples" in found[1].detail
+    assert (found[2].value, found[2].level) == ("60.0%", "info") and "Madry" in found[2].help
+    assert all(f.help for f in found)
 
 
-def test_findings_match_the_report_analyzers_keys(digits_run):
-    # The keys bias, overfit and calibration write (plugins/xdl_plugins/*.py).
+def test_findings_come_from_the_analyzers_own_classes(digits_run):
     worst = {"class": "yes", "demographic_parity_difference": 0.25, "disparate_impact": 0.6, "flagged": True}
     results = [
-        Result("pgd", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.6, "eps": 0.1}),
         Result("bias", "report", metrics={"worst_class": "8", "worst_class_f1": 0.8, "worst_class_gap": 0.15,
                                           "groups": {"sex": {"groups": 2, "worst": worst}}}),
         Result("overfit", "report", metrics={"diagnosis": "overfitting", "generalization_gap": {"accuracy": 0.12}}),
         Result("calibration", "report", metrics={"ece": 0.042, "ece_scaled": 0.011}),
     ]
-    found = findings(digits_run, [Section(r.kind, r.method, "computed", r) for r in results], eps=0.1)
+    found = findings(digits_run, [Section(r.kind, r.method, "computed", r) for r in results])
     got = {f.label: (f.value, f.level) for f in found}
     assert got == {
         "Test accuracy": (f"{100 * digits_run.metrics['test_accuracy']:.1f}%", "info"),
-        "Robust accuracy (eps 0.1)": ("60.0%", "info"),
         "Worst-class gap": ("0.15", "warn"),
         "Worst-group gap (sex)": ("0.25", "warn"),
         "Overfitting": ("overfitting", "warn"),
         "Calibration (ECE)": ("0.042", "info"),
     }
-    assert "disparate impact 0.60 (below 4/5)" in found[3].detail and "0.011 after temperature" in found[5].detail
+    assert "disparate impact 0.60 (below 4/5)" in found[2].detail and "0.011 after temperature" in found[4].detail
+    assert "four-fifths" in found[2].help and "Guo et al. 2017" in found[4].help
+
+
+def test_the_audit_module_names_no_plugin_metric_key():
+    import inspect
+
+    import xdl.auditing
+    import xdl.evaluation
+
+    for module in (xdl.auditing, xdl.evaluation):
+        source = inspect.getsource(module)
+        for key in ("robust_accuracy", "worst_class", "demographic_parity", '"ece"', "diagnosis", "most_trusted",
+                    '"shap"', '"weights"', '"segments"'):
+            assert key not in source, (module.__name__, key)
 
 
 def test_render_any_result_from_an_unknown_kind(digits_run):

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from xdl.analyzers.base import Analyzer, Context, Finding, Result
+from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
 from xdl.analyzers.registry import PluginInfo, discover, load_analyzer
 from xdl.errors import XdlError
 from xdl.io import atomic_write, write_json
@@ -202,7 +202,7 @@ def audit(
         if progress:
             _say(section)
     result = Audit(
-        run=run, sections=sections, findings=findings(run, sections, eps), not_applicable=not_applicable,
+        run=run, sections=sections, findings=findings(run, sections), not_applicable=not_applicable,
         settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
                   "fgsm_sweep": list(FGSM_SWEEP), "device": device},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -326,115 +326,29 @@ def _say(section: Section) -> None:
 
 
 # -----------------------------------------------------------------------------------------
-# The summary of findings: known metric keys, read when present and left out otherwise
+# The summary of findings: the run's own test accuracy, then each analyzer's own findings
 # -----------------------------------------------------------------------------------------
 
 
-def findings(run: Run, sections: list[Section], eps: float) -> list[Finding]:
-    """Headline numbers from the run's metrics and the analyzers' Result.metrics."""
-    results = {s.key: s.result for s in sections if s.result is not None}
+def findings(run: Run, sections: list[Section]) -> list[Finding]:
+    """Headline numbers: the run's test accuracy, then what each section's analyzer reads from its Result.
+
+    The audit knows no analyzer's metric keys: each analyzer class turns its own Result into
+    findings (``Analyzer.findings``). One that fails costs its findings, not the audit.
+    """
     found = []
     accuracy = run.metrics.get("test_accuracy")
-    if _number(accuracy):
-        found.append(Finding("Test accuracy", _pct(accuracy), f"{run.info['dataset']['sizes']['test']} test samples"))
-    for extract in FINDINGS:
-        found += extract(results, eps)
-    return found
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-def _metrics(results: dict[str, Result], key: str) -> dict[str, Any]:
-    return results[key].metrics if key in results else {}
-
-
-def _robust(results: dict[str, Result], eps: float) -> list[Finding]:
-    """Robust accuracy at eps: PGD's, else the row of FGSM's sweep at that eps."""
-    for key in ("attack/pgd", "attack/fgsm"):
-        if key not in results:
+    if is_number(accuracy):
+        found.append(Finding(
+            "Test accuracy", f"{100 * accuracy:.1f}%", f"{run.info['dataset']['sizes']['test']} test samples",
+            help="The trained model's accuracy on the held-out test split, in eval mode; every other number "
+                 "on this page is best read against it.",
+        ))
+    for s in sections:
+        if s.result is None:
             continue
-        result = results[key]
-        rows = [m for m in (result.metrics, *result.tables.get("robustness", [])) if m.get("eps") == eps]
-        value = rows[0].get("robust_accuracy") if rows else None
-        if _number(value):
-            clean = result.metrics.get("clean_accuracy")
-            detail = f"{key.split('/')[1].upper()} at eps {eps:g}"
-            if _number(clean):
-                detail += f"; clean {_pct(clean)} on the same samples"
-            # Losing more than half the accuracy at the audit's eps is what a reader must not miss.
-            level = "warn" if _number(clean) and value < clean / 2 else "info"
-            return [Finding(f"Robust accuracy (eps {eps:g})", _pct(value), detail, key, level)]
-    return []
-
-
-def _worst_class(results: dict[str, Result], eps: float) -> list[Finding]:
-    bias = _metrics(results, "report/bias")
-    gap, worst, f1 = bias.get("worst_class_gap"), bias.get("worst_class"), bias.get("worst_class_f1")
-    if not _number(gap):
-        return []
-    detail = "best − worst per-class F1" + (f"; worst: class {worst} (F1 {f1:.2f})" if _number(f1) else "")
-    return [Finding("Worst-class gap", f"{gap:.2f}", detail, "report/bias", "warn" if gap > 0.1 else "info")]
-
-
-def _worst_group(results: dict[str, Result], eps: float) -> list[Finding]:
-    """Per sensitive column, the class with the lowest disparate impact; for images, the weakest segment."""
-    bias = _metrics(results, "report/bias")
-    found = []
-    for column, stats in (bias.get("groups") or {}).items():
-        worst = stats.get("worst", {}) if isinstance(stats, dict) else {}
-        difference, impact = worst.get("demographic_parity_difference"), worst.get("disparate_impact")
-        if not _number(difference):
-            continue
-        detail = f"demographic parity difference, class {worst.get('class')}"
-        if _number(impact):
-            # The four-fifths rule (EEOC): a selection-rate ratio below 0.8 indicates adverse impact.
-            detail += f"; disparate impact {impact:.2f}" + (" (below 4/5)" if impact < 0.8 else "")
-        found.append(Finding(f"Worst-group gap ({column})", f"{difference:.2f}", detail, "report/bias",
-                             "warn" if worst.get("flagged") else "info"))
-    segment = bias.get("weakest_segment")
-    if not found and isinstance(segment, dict) and _number(segment.get("accuracy")):
-        detail = f"{segment.get('property')} {segment.get('segment')}, {segment.get('count')} images"
-        found.append(Finding("Weakest image segment", _pct(segment["accuracy"]), detail, "report/bias"))
+        try:
+            found += load_analyzer(s.kind, s.method).findings(s.result)
+        except Exception as exc:  # a plugin's bug: shown where its findings would be
+            found.append(Finding(f"{s.key}: no findings", "error", _failure(exc)[0], s.key, "warn"))
     return found
-
-
-def _overfit(results: dict[str, Result], eps: float) -> list[Finding]:
-    report = _metrics(results, "report/overfit")
-    diagnosis = report.get("diagnosis")
-    if not isinstance(diagnosis, str):
-        return []
-    gap = (report.get("generalization_gap") or {}).get("accuracy")
-    detail = f"train − validation accuracy {_pct(gap)}" if _number(gap) else ""
-    return [Finding("Overfitting", diagnosis, detail, "report/overfit", "info" if diagnosis == "fine" else "warn")]
-
-
-def _ece(results: dict[str, Result], eps: float) -> list[Finding]:
-    report = _metrics(results, "report/calibration")
-    ece = report.get("ece")
-    if not _number(ece):
-        return []
-    after = report.get("ece_scaled")
-    detail = "expected calibration error" + (f"; {after:.3f} after temperature scaling" if _number(after) else "")
-    return [Finding("Calibration (ECE)", f"{ece:.3f}", detail, "report/calibration", "warn" if ece > 0.1 else "info")]
-
-
-def _trust(results: dict[str, Result], eps: float) -> list[Finding]:
-    """The explain method the trust report ranks first, and whether it passes the randomization check."""
-    report = _metrics(results, "report/trust")
-    best = report.get("most_trusted")
-    stats = (report.get("methods") or {}).get(best) if isinstance(best, str) else None
-    if not isinstance(stats, dict) or not (_number(stats.get("deletion_auc")) and _number(stats.get("random_deletion_auc"))):
-        return []
-    check = stats.get("randomization_check")
-    detail = f"deletion AUC {stats['deletion_auc']:.2f} (random order {stats['random_deletion_auc']:.2f}); randomization check: {check}"
-    return [Finding("Most trustworthy explanation", best, detail, "report/trust", "info" if check == "pass" else "warn")]
-
-
-# Order on the page. Each reads only the metric keys it knows and finds nothing when they are absent.
-FINDINGS = (_robust, _worst_class, _worst_group, _overfit, _ece, _trust)

@@ -61,6 +61,11 @@ class Shap(Analyzer):
     description = "SHAP values: expected gradients or DeepSHAP (images), KernelSHAP (tables)"
     check_params = {"background": 8, "clusters": 4, "nsamples": 16}
 
+    @classmethod
+    def attributions(cls, result: Result, x: torch.Tensor) -> np.ndarray | None:
+        found = result.arrays.get("shap")
+        return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
+
     def run(self, ctx: Context, params: ShapParams) -> Result:
         outputs = require_classifier(ctx)
         method = params.method if params.method != "auto" else ("gradient" if ctx.kind == "image" else "kernel")

@@ -370,6 +370,15 @@ class Analyzer:
         return []
 
     @classmethod
+    def attributions(cls, result: Result, x: torch.Tensor) -> np.ndarray | None:
+        """Per-input attributions shaped like ``x`` (for ``--evaluate`` and the trust report), or None.
+
+        The default reads ``arrays["attributions"]``; a method keeping them elsewhere overrides this.
+        """
+        found = result.arrays.get("attributions")
+        return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
+
+    @classmethod
     def merge(cls, parts: list[Result], sizes: list[int]) -> Result:
         """One Result from the per-share Results of a "samples" analyzer (``sizes[r]`` samples each,
         rank order). The default concatenates per-sample arrays and averages metrics by sample
