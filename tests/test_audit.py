@@ -138,6 +138,7 @@ def test_audit_json_is_the_page_without_images(audited, audit_json):
     by_key = {f"{s['kind']}/{s['method']}": s for s in data["sections"]}
     pgd = by_key["attack/pgd"]
     assert pgd["status"] == "computed" and pgd["samples"] == 8 and pgd["params"]["eps"] == 0.1
+    assert pgd["computed_on"] == "8 samples of the test split" and pgd["provenance"]["samples"] == 8
     for figure in pgd["figures"]:
         assert (audited.run.path / figure).is_file()
     assert data["settings"]["eps"] == 0.1
@@ -161,25 +162,42 @@ def test_third_party_section_is_rendered_and_escaped(audited, html):
     assert "nested.a" in html and "first 12 of 30 rows" in html and "column_39" in html
 
 
-def test_saved_results_are_reused_unless_recompute(audited, audit_json):
+def test_saved_results_are_reused_only_for_what_they_were_computed_on(audited, audit_json):
     run = audited.run
     pgd = run.path / "attack" / "pgd" / "result.json"
     before = pgd.stat().st_mtime_ns
-    again = xdl.audit(run, only=["pgd"], progress=False)
+    saved = json.loads(pgd.read_text())["provenance"]
+    assert saved["split"] == "test" and saved["samples"] == 8 and len(saved["indices"]) == 8
+    assert saved["params"]["eps"] == 0.1 and saved["seed"] == run.seed and saved["target"] == "predicted"
+    again = xdl.audit(run, only=["pgd"], samples=8, progress=False)
     assert again.sections[0].status == "reused" and pgd.stat().st_mtime_ns == before
-    # Another eps is another result: computed beside the first, which stays.
-    other = xdl.audit(run, only=["pgd"], eps=0.05, samples=4, progress=False)
-    assert other.sections[0].status == "computed" and other.sections[0].result.path.name == "pgd-2"
-    redo = xdl.audit(run, only=["pgd"], samples=4, recompute=True, progress=False)
+    assert again.sections[0].computed_on == "8 samples of the test split"
+    # The 8-sample result does not stand for the whole test split's robust accuracy.
+    whole = xdl.audit(run, only=["pgd"], progress=False)
+    assert whole.sections[0].status == "computed" and whole.sections[0].result.path.name == "pgd-2"
+    assert whole.sections[0].result.provenance["samples"] == len(run.data.test)
+    # Nor does one the user made on another split with the same parameters.
+    shutil.rmtree(run.path / "attack" / "pgd-2")
+    xdl.attack(run, "pgd", samples=len(run.data.test), split="train", params={"eps": 0.1})
+    assert (run.path / "attack" / "pgd-2").is_dir()
+    other = xdl.audit(run, only=["pgd"], progress=False)
+    assert other.sections[0].status == "computed" and other.sections[0].result.path.name == "pgd-3"
+    redo = xdl.audit(run, only=["pgd"], samples=8, recompute=True, progress=False)
     assert redo.sections[0].status == "computed" and redo.sections[0].result.path.name == "pgd"
-    assert pgd.stat().st_mtime_ns != before and not (run.path / "attack" / "pgd-3").exists()
+    assert pgd.stat().st_mtime_ns != before and not (run.path / "attack" / "pgd-4").exists()
 
 
-def test_a_result_whose_params_were_resolved_is_reused_through_audit_json(audited, audit_json, third_party):
-    # The fixture's audit asked Wide for mode=auto and saved mode=fast; it recorded both.
-    assert json.loads((audited.run.path / "report" / "wide" / "result.json").read_text())["params"] == {"mode": "fast"}
-    again = xdl.audit(audited.run, only=["wide"], progress=False)
-    assert again.sections[0].status == "reused" and not (audited.run.path / "report" / "wide-2").exists()
+def test_reuse_needs_the_same_weights(audited, audit_json, tmp_path):
+    run = copy_run(audited.run, tmp_path / "run")
+    shutil.copytree(audited.run.path / "attack" / "pgd", run / "attack" / "pgd")
+    assert xdl.audit(run, only=["pgd"], samples=8, progress=False).sections[0].status == "reused"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "model.safetensors"))
+    first = next(iter(state))
+    state[first] = state[first] + 0.01
+    save_file(state, str(run / "model.safetensors"))
+    assert xdl.audit(run, only=["pgd"], samples=8, progress=False).sections[0].status == "computed"
 
 
 def test_only_and_skip_choose_analyzers():
@@ -190,38 +208,53 @@ def test_only_and_skip_choose_analyzers():
         select(plugins, ["nope"], None)
 
 
-def test_findings_read_known_keys_and_skip_missing(digits_run):
-    fgsm = Result("fgsm", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.0, "eps": 0.3},
-                  tables={"robustness": [{"eps": 0.0, "robust_accuracy": 0.9}, {"eps": 0.1, "robust_accuracy": 0.4}]})
-    sections = [Section("attack", "fgsm", "computed", fgsm), Section("report", "bias", "failed", error="no groups")]
-    found = findings(digits_run, sections, eps=0.1)
-    assert [f.label for f in found] == ["Test accuracy", "Robust accuracy (eps 0.1)"]
+def test_each_attack_quotes_its_own_eps_and_a_failed_section_has_no_findings(digits_run):
+    fgsm = Result("fgsm", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.3, "eps": 0.3, "samples": 50},
+                  tables={"robustness": [{"eps": 0.0, "robust_accuracy": 0.9}, {"eps": 0.3, "robust_accuracy": 0.3}]})
+    pgd = Result("pgd", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.6, "eps": 0.05, "samples": 8})
+    sections = [Section("attack", "fgsm", "computed", fgsm), Section("attack", "pgd", "reused", pgd),
+                Section("report", "bias", "failed", error="no groups")]
+    found = findings(digits_run, sections)
+    assert [f.label for f in found] == ["Test accuracy", "Robust accuracy (FGSM, eps 0.3)", "Robust accuracy (PGD, eps 0.05)"]
     assert found[0].value == f"{100 * digits_run.metrics['test_accuracy']:.1f}%"
-    assert found[1].value == "40.0%" and found[1].level == "warn" and found[1].source == "attack/fgsm"
-    assert [f.label for f in findings(digits_run, sections, eps=0.2)] == ["Test accuracy"]
+    assert (found[1].value, found[1].level, found[1].source) == ("30.0%", "warn", "attack/fgsm")
+    assert "sweep 90% at 0, 30% at 0.3" in found[1].detail and "on 50 samples" in found[1].detail
+    assert (found[2].value, found[2].level) == ("60.0%", "info") and "Madry" in found[2].help
+    assert all(f.help for f in found)
 
 
-def test_findings_match_the_report_analyzers_keys(digits_run):
-    # The keys bias, overfit and calibration write (plugins/xdl_plugins/*.py).
+def test_findings_come_from_the_analyzers_own_classes(digits_run):
     worst = {"class": "yes", "demographic_parity_difference": 0.25, "disparate_impact": 0.6, "flagged": True}
     results = [
-        Result("pgd", "attack", metrics={"clean_accuracy": 0.9, "robust_accuracy": 0.6, "eps": 0.1}),
         Result("bias", "report", metrics={"worst_class": "8", "worst_class_f1": 0.8, "worst_class_gap": 0.15,
                                           "groups": {"sex": {"groups": 2, "worst": worst}}}),
         Result("overfit", "report", metrics={"diagnosis": "overfitting", "generalization_gap": {"accuracy": 0.12}}),
         Result("calibration", "report", metrics={"ece": 0.042, "ece_scaled": 0.011}),
     ]
-    found = findings(digits_run, [Section(r.kind, r.method, "computed", r) for r in results], eps=0.1)
+    found = findings(digits_run, [Section(r.kind, r.method, "computed", r) for r in results])
     got = {f.label: (f.value, f.level) for f in found}
     assert got == {
         "Test accuracy": (f"{100 * digits_run.metrics['test_accuracy']:.1f}%", "info"),
-        "Robust accuracy (eps 0.1)": ("60.0%", "info"),
         "Worst-class gap": ("0.15", "warn"),
         "Worst-group gap (sex)": ("0.25", "warn"),
         "Overfitting": ("overfitting", "warn"),
         "Calibration (ECE)": ("0.042", "info"),
     }
-    assert "disparate impact 0.60 (below 4/5)" in found[3].detail and "0.011 after temperature" in found[5].detail
+    assert "disparate impact 0.60 (below 4/5)" in found[2].detail and "0.011 after temperature" in found[4].detail
+    assert "four-fifths" in found[2].help and "Guo et al. 2017" in found[4].help
+
+
+def test_the_audit_module_names_no_plugin_metric_key():
+    import inspect
+
+    import xdl.auditing
+    import xdl.evaluation
+
+    for module in (xdl.auditing, xdl.evaluation):
+        source = inspect.getsource(module)
+        for key in ("robust_accuracy", "worst_class", "demographic_parity", '"ece"', "diagnosis", "most_trusted",
+                    '"shap"', '"weights"', '"segments"'):
+            assert key not in source, (module.__name__, key)
 
 
 def test_render_any_result_from_an_unknown_kind(digits_run):

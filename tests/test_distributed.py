@@ -101,22 +101,54 @@ def test_torchrun_training_equals_single_process(tmp_path):
 
 
 def test_torchrun_attack_shards_samples_and_merges(mlp_run, tmp_path):
-    from xdl.analyzers import load_analyzer
-
-    try:
-        load_analyzer("attack", "fgsm")
-    except xdl.XdlError as exc:
-        pytest.skip(f"no fgsm analyzer to shard: {exc}")
     run = shutil.copytree(mlp_run.path, tmp_path / "run")
-    done = torchrun("-m", "xdl", "attack", str(run), "--method", "fgsm", "--samples", "9", "--quiet", cwd=tmp_path)
-    single = xdl.attack(mlp_run, "fgsm", samples=9, save=False)
+    sweep = ["-p", "eps=0,0.1,0.3"]
+    done = torchrun("-m", "xdl", "attack", str(run), "--method", "fgsm", "--samples", "9", *sweep, "--quiet", cwd=tmp_path)
+    single = xdl.attack(mlp_run, "fgsm", samples=9, params={"eps": [0, 0.1, 0.3]}, save=False)
 
     assert done.stdout.count("results saved to") == 1
     merged = Result.load(run / "attack" / "fgsm", arrays=True)
     assert merged.arrays.keys() == single.arrays.keys()
     for name, value in single.arrays.items():
         np.testing.assert_allclose(merged.arrays[name], value, atol=1e-6, err_msg=name)
-    # Rates over all samples are exact under the weighted merge; the count is the total.
+    # The attack merges from counts: success_rate is a ratio over the correct samples, which a
+    # sample-weighted mean of the shares' rates gets wrong when shares differ in clean accuracy.
     assert merged.metrics["samples"] == 9
-    assert merged.metrics["clean_accuracy"] == pytest.approx(single.metrics["clean_accuracy"])
-    assert merged.metrics["robust_accuracy"] == pytest.approx(single.metrics["robust_accuracy"])
+    for key in ("clean_accuracy", "robust_accuracy", "success_rate"):
+        assert merged.metrics[key] == pytest.approx(single.metrics[key]), key
+    for mine, theirs in zip(merged.tables["robustness"], single.tables["robustness"], strict=True):
+        assert mine == pytest.approx(theirs)
+    assert merged.summary == single.summary
+    assert merged.provenance == single.provenance
+
+
+def test_torchrun_runs_a_whole_split_analyzer_once_on_rank_0(mlp_run, tmp_path):
+    """A PCA per rank would give coordinates from two different projections; rank 0 fits one."""
+    run = shutil.copytree(mlp_run.path, tmp_path / "run")
+    torchrun("-m", "xdl", "explain", str(run), "--method", "embedding", "-p", "tsne=false", "--quiet", cwd=tmp_path)
+    single = xdl.explain(mlp_run, "embedding", params={"tsne": False}, save=False)
+    merged = Result.load(run / "explain" / "embedding", arrays=True)
+    np.testing.assert_allclose(merged.arrays["pca"], single.arrays["pca"], atol=1e-4)
+    assert not any("processes" in w for w in merged.warnings)
+
+
+def test_the_attacks_merge_weighs_success_rate_by_correct_samples():
+    from xdl.analyzers import load_analyzer
+
+    fgsm = load_analyzer("attack", "fgsm")
+    # Share 1: 4 samples, all correct, 1 flipped; share 2: 4 samples, 1 correct, flipped.
+    shares = []
+    for labels, clean, adv in (([0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]), ([0, 0, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1])):
+        labels, clean, adv = np.array(labels), np.array(clean), np.array(adv)
+        correct = clean == labels
+        metrics = {"eps": 0.1, "robust_accuracy": float((adv == labels).mean()),
+                   "success_rate": float((adv[correct] != labels[correct]).mean()), "mean_linf": 0.1, "mean_l2": 0.5,
+                   "mean_confidence_drop": 0.2, "clean_accuracy": float(correct.mean()), "samples": 4,
+                   "perturbed": "all inputs, clamped to [0, 1]"}
+        shares.append(Result("fgsm", "attack", metrics=metrics, params={"eps": 0.1},
+                             arrays={"labels": labels, "clean_predictions": clean, "predictions": adv}))
+    merged = fgsm.merge(shares, [4, 4])
+    assert merged.metrics["success_rate"] == pytest.approx(2 / 5)  # 2 of the 5 correct samples flipped
+    assert merged.metrics["clean_accuracy"] == pytest.approx(5 / 8)
+    assert merged.metrics["robust_accuracy"] == pytest.approx(3 / 8)
+    assert distributed.merge(shares, [4, 4]).metrics["success_rate"] == pytest.approx(0.625)  # the generic mean is not

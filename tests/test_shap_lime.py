@@ -57,7 +57,7 @@ def test_kernel_shap_matches_shap_per_column(tabular_run):
     import shap
 
     result = xdl.explain(tabular_run, "shap", samples=4, seed=3, save=False)
-    model, x = tabular_run.model, tabular_run.data.test.x[:4]
+    model, x = tabular_run.model, tabular_run.data.test.x[result.provenance["indices"]]
 
     def logits(a):
         return model(torch.as_tensor(a, dtype=torch.float32)).detach().numpy()
@@ -168,3 +168,20 @@ def test_bad_input_is_one_line_exit_2(digits_run, args, message):
     done = cli("explain", digits_run.path, "-n", "2", *args)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_all_classes_reports_the_target_class_not_class_0(tabular_run):
+    """With every class explained, the target array, tables and evaluation still follow the target class."""
+    from xdl_plugins.shap import Shap
+
+    one = xdl.explain(tabular_run, "shap", samples=6, seed=1, save=False)
+    every = xdl.explain(tabular_run, "shap", samples=6, seed=1, params={"all_classes": True}, save=False)
+    x = tabular_run.data.test.x[one.provenance["indices"]]
+    predicted = tabular_run.model(x).argmax(1).numpy()
+    assert predicted.any(), "the check needs a sample whose target is not class 0"
+    np.testing.assert_array_equal(every.arrays["target"], predicted)
+    assert every.arrays["shap"].shape == (6, 2, x.shape[1])
+    np.testing.assert_allclose(every.arrays["shap"][np.arange(6), predicted], one.arrays["shap"], atol=1e-5)
+    for mine, theirs in zip(every.tables["shap_columns"], one.tables["shap_columns"], strict=True):
+        assert mine["column"] == theirs["column"] and mine["mean_abs_shap"] == pytest.approx(theirs["mean_abs_shap"], abs=1e-5)
+    np.testing.assert_allclose(Shap.attributions(every, x), one.arrays["shap"], atol=1e-5)

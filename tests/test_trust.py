@@ -187,7 +187,7 @@ def test_cli_report_trust_ranks_the_methods(digits_run, tmp_path, capsys):
     from xdl.analyzers.base import Result
     from xdl.auditing import Section, findings
 
-    found = [f for f in findings(digits_run, [Section("report", "trust", "reused", Result.load(folder))], eps=0.1)
+    found = [f for f in findings(digits_run, [Section("report", "trust", "reused", Result.load(folder))])
              if f.source == "report/trust"]
     assert [(f.label, f.value) for f in found] == [("Most trustworthy explanation", ranking[0]["method"])]
     assert f"randomization check: {ranking[0]['randomization_check']}" in found[0].detail

@@ -7,35 +7,52 @@ API and ``xdl audit`` alike — so it sits below both :mod:`xdl.api` and
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
 
-from xdl import distributed
+from xdl import distributed, provenance
 from xdl.errors import XdlError
 from xdl.run import Run
 
 
-def _select(split_x, split_y, groups: dict, samples: int | None, indices) -> tuple:
-    """The samples to analyze: explicit indices, else the first ``samples``, else all."""
-    import numpy as np
+def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: int = 0) -> tuple:
+    """The samples to analyze: explicit indices, else a seeded sample of ``samples``, else all."""
     import torch
 
-    n = len(split_x)
+    index = selection(len(split_x), None if split_y is None else split_y.numpy(), samples, indices, seed)
+    t = torch.as_tensor(index, dtype=torch.long)
+    y = split_y[t] if split_y is not None else None
+    return split_x[t], y, {k: v[index] for k, v in groups.items()}, index
+
+
+def selection(n: int, labels, samples: int | None, indices, seed: int):
+    """Positions within a split of ``n`` samples: ``indices`` as given, all, or a seeded sample.
+
+    A sample of ``samples`` is class-stratified when labels are known, so that a split stored
+    sorted by label (common for CSV files) does not yield samples of one class only.
+    """
+    import numpy as np
+
     if indices is not None:
         index = np.asarray(list(indices), dtype=int)
         bad = index[(index < 0) | (index >= n)]
         if bad.size:
             raise XdlError(f"index {int(bad[0])} is out of range: the split has {n} samples (0..{n - 1})")
-    elif samples is not None:
-        if samples <= 0:
-            raise XdlError(f"--samples must be > 0, got {samples}")
-        index = np.arange(min(samples, n))
-    else:
-        index = np.arange(n)
-    t = torch.as_tensor(index, dtype=torch.long)
-    y = split_y[t] if split_y is not None else None
-    return split_x[t], y, {k: v[index] for k, v in groups.items()}, index
+        return index
+    if samples is not None and samples <= 0:
+        raise XdlError(f"--samples must be > 0, got {samples}")
+    if samples is None or samples >= n:
+        return np.arange(n)
+    if labels is not None:
+        from sklearn.model_selection import train_test_split
+
+        try:
+            return np.asarray(train_test_split(np.arange(n), train_size=samples, random_state=seed, stratify=labels)[0])
+        except ValueError:  # fewer samples than classes, or a class with one member: plain sample
+            pass
+    return np.random.default_rng(seed).permutation(n)[:samples]
 
 
 def analyze(
@@ -79,7 +96,7 @@ def analyze(
     analyzer = cls()
     parsed = parse_params(cls.Params, params)
     count = cls.samples if samples == "default" else samples
-    world = distributed.join(device)  # under torchrun, explain/attack samples are shared out
+    world = distributed.join(device)  # under torchrun, a "samples" analyzer's samples are shared out
     dev = distributed.local_device(device, world)
     if evaluate and (kind != "explain" or world.size > 1):
         raise XdlError("--evaluate applies to xdl explain in one process (it re-explains every sample on altered models)")
@@ -89,31 +106,38 @@ def analyze(
             raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels)")
         x = torch.as_tensor(x).float()
         y = None if y is None else torch.as_tensor(y).long()
-        xs, ys, groups, index = _select(x, y, {}, count, indices)
+        seed = 0 if seed is None else seed
+        xs, ys, groups, index = _select(x, y, {}, count, indices, seed)
         with torch.no_grad():
             n_out = source(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
         ctx = Context(
             model=source, x=xs, y=ys, kind="image" if x.dim() == 4 else "tabular",
             class_names=class_names or [str(i) for i in range(n_out)], device=dev,
-            seed=0 if seed is None else seed, batch_size=batch_size, target=target,
+            seed=seed, batch_size=batch_size, target=target,
             indices=index, progress=progress,
         )
         run = None
+        split = "given"  # the caller's own tensors, not a split of a run
+        fingerprint = (provenance.model_digest(source), provenance.data_digest(x, y))
     else:
         run = source if isinstance(source, Run) else Run(source)
         data = run.data
         part = data.split(split)
-        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices)
+        seed = run.seed if seed is None else seed
+        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, seed)
         ctx = Context(
             model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
             feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,
-            run=run, device=dev, seed=run.seed if seed is None else seed, batch_size=batch_size,
+            run=run, device=dev, seed=seed, batch_size=batch_size,
             target=target, split=split, indices=index, progress=progress,
         )
-    if world.size > 1 and kind != "report":
+        fingerprint = _fingerprint(run, part)
+    if world.size > 1 and cls.sharding == "samples":
         result = distributed.analyze_shards(analyzer, ctx, parsed, world)
-    else:  # a report describes a whole split or the model: each rank computes it whole
+    elif world.main:  # a PCA, a report: it needs the whole split, so rank 0 computes it
         result = run_analyzer(analyzer, ctx, parsed)
+    else:  # and the other ranks wait for it in leave()
+        result = None
     if evaluate:
         from xdl.evaluation import evaluate as evaluate_result
 
@@ -121,9 +145,40 @@ def analyze(
     if not world.main:  # rank 0 holds the merged result and writes it
         distributed.leave(world)
         return None
+    result.provenance = provenance.record(
+        split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
+        model=fingerprint[0], data=fingerprint[1],
+    )
     if out is not None:
         result.save(out)
     elif run is not None and save:
         result.save(run.result_dir(kind, method, force))
     distributed.leave(world)
     return result
+
+
+def _fingerprint(run: Run, part) -> tuple[str, str]:
+    """Digests of the run's weights file and of one split's tensors."""
+    from xdl.run import WEIGHTS
+
+    return provenance.file_digest(run.path / WEIGHTS), provenance.data_digest(part.x, part.y, part.groups)
+
+
+def expected_provenance(
+    run: Run, kind: str, method: str, *, samples: int | None, params: dict | list[str] | None = None,
+    split: str = "test", indices=None, target: str | int = "predicted", seed: int | None = None,
+) -> dict:
+    """The provenance :func:`analyze` would record for these arguments, computed without running it.
+
+    The audit compares it with a saved result's, and reuses that result only when they are equal.
+    """
+    from xdl.analyzers import load_analyzer, parse_params
+
+    cls = load_analyzer(kind, method)
+    parsed = parse_params(cls.Params, params)
+    part = run.data.split(split)
+    seed = run.seed if seed is None else seed
+    index = selection(len(part.x), part.y.numpy(), samples, indices, seed)
+    model, data = _fingerprint(run, part)
+    return provenance.record(split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
+                             model=model, data=data)

@@ -3,8 +3,9 @@
 The audit adds no analysis of its own. It runs each registered analyzer through
 :func:`xdl.analysis.analyze` — the same path ``xdl explain/attack/report`` take — with the
 analyzer's defaults, except for two choices of its own: an FGSM eps sweep on images and
-PGD at one eps. A result already saved in the run with exactly those parameters is
-reused. The Results go to :mod:`xdl.render`, which knows no analyzer by name, so a
+PGD at one eps. A result already saved in the run is reused only when its provenance —
+split, sample indices, target, seed, parameters, xdl version, model and data digests —
+equals what this audit asks for (:mod:`xdl.provenance`). The Results go to :mod:`xdl.render`, which knows no analyzer by name, so a
 third-party analyzer gets its section the same way a built-in does.
 
 (This module is not ``xdl/audit.py`` on purpose: importing a submodule ``xdl.audit``
@@ -24,10 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from xdl.analyzers.base import Analyzer, Context, Finding, Result, parse_params
+from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
 from xdl.analyzers.registry import PluginInfo, discover, load_analyzer
 from xdl.errors import XdlError
-from xdl.io import _jsonable, atomic_write, write_json
+from xdl.io import atomic_write, write_json
 from xdl.run import Run
 
 # FGSM sweep for images, in pixel units of the [0, 1] input range: from no attack (the
@@ -54,7 +55,6 @@ class Section:
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time, all threads: what a busy machine does not inflate
     samples: int | None = None  # how many samples the audit gave it (None: reused or whole split)
-    requested: dict[str, Any] = field(default_factory=dict)  # the params the audit asked for
     package: str = "xdl"
     guide: str = ""  # the analyzer's reading guide for the page
 
@@ -66,6 +66,13 @@ class Section:
     def anchor(self) -> str:
         return f"{self.kind}-{self.method}"
 
+    @property
+    def computed_on(self) -> str:
+        """``"8 samples of the test split"``, from the result's provenance."""
+        from xdl.provenance import describe
+
+        return describe(self.result.provenance) if self.result is not None else ""
+
 
 @dataclass
 class Audit:
@@ -74,8 +81,6 @@ class Audit:
     findings: list[Finding]
     not_applicable: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    # result folder → the params an audit asked for and the params saved there, for reuse
-    requested: dict[str, dict] = field(default_factory=dict)
     created: str = ""
     seconds: float = 0.0
 
@@ -123,7 +128,7 @@ class Audit:
                 folder = r.path.resolve().relative_to(self.run.path.resolve()) if r.path else None
                 entry.update(
                     path=str(folder) if folder else None, summary=r.summary, metrics=r.metrics, params=r.params,
-                    warnings=r.warnings, tables=r.tables,
+                    computed_on=s.computed_on, provenance=r.provenance, warnings=r.warnings, tables=r.tables,
                     figures=[str(folder / f"{name}.png") if folder else f"{name}.png" for name in r.figures],
                 )
             sections.append(entry)
@@ -135,7 +140,6 @@ class Audit:
             "findings": [dataclasses.asdict(f) for f in self.findings],
             "not_applicable": self.not_applicable,
             "sections": sections,
-            "requested": self.requested,
         }
 
 
@@ -175,7 +179,6 @@ def audit(
     if probe.input_range is not None and eps > probe.input_range[1] - probe.input_range[0]:
         lo, hi = probe.input_range
         raise XdlError(f"--eps {eps:g} is larger than the whole input range [{lo:g}, {hi:g}] of {probe.kind} data")
-    earlier = _earlier(run)
     planned: list[tuple[PluginInfo, type[Analyzer] | None, tuple[str, str]]] = []
     not_applicable = []
     for info in plugins:
@@ -195,17 +198,16 @@ def audit(
             sections.append(Section(info.kind, info.name, "failed", error=error, traceback=trace, package=info.package))
             continue
         cpu = time.process_time()
-        section = _run_one(run, info, cls, earlier, samples=samples, recompute=recompute, eps=eps, device=device)
+        section = _run_one(run, info, cls, samples=samples, recompute=recompute, eps=eps, device=device)
         section.guide = cls.guide or cls.description
         section.cpu_seconds = time.process_time() - cpu
         sections.append(section)
         if progress:
             _say(section)
     result = Audit(
-        run=run, sections=sections, findings=findings(run, sections, eps), not_applicable=not_applicable,
+        run=run, sections=sections, findings=findings(run, sections), not_applicable=not_applicable,
         settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
                   "fgsm_sweep": list(FGSM_SWEEP), "device": device},
-        requested=_requested(run, earlier, sections),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     result.seconds = time.perf_counter() - started
@@ -254,20 +256,20 @@ def _probe(run: Run) -> Context:
     )
 
 
-def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str, dict], *, samples: int | None,
-             recompute: bool, eps: float, device: str) -> Section:
-    from xdl.analysis import analyze
+def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | None, recompute: bool, eps: float,
+             device: str) -> Section:
+    from xdl.analysis import analyze, expected_provenance
 
     started = time.perf_counter()
     overrides = audit_params(info.kind, info.name, run.data.kind, eps)
+    count = cls.samples if samples is None else min(samples, cls.samples or samples)
     try:
-        wanted = _jsonish(dataclasses.asdict(parse_params(cls.Params, overrides)))
-        saved = _saved(run, info.kind, info.name, wanted, earlier)
+        wanted = expected_provenance(run, info.kind, info.name, samples=count, params=overrides)
+        saved = _saved(run, info.kind, info.name, wanted)
         if saved is not None and not recompute:
             result = Result.load(saved)
             return Section(info.kind, info.name, "reused", result, seconds=time.perf_counter() - started,
-                           package=info.package, requested=wanted)
-        count = cls.samples if samples is None else min(samples, cls.samples or samples)
+                           package=info.package)
         out = saved or run.result_dir(info.kind, info.name)
         result = analyze(info.kind, run, info.name, samples=count, params=overrides, device=device, out=out)
     except Exception as exc:  # recorded in the page and audit.json; one analyzer's failure ends only its section
@@ -275,7 +277,7 @@ def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], earlier: dict[str,
         return Section(info.kind, info.name, "failed", error=error, traceback=trace,
                        seconds=time.perf_counter() - started, package=info.package)
     return Section(info.kind, info.name, "computed", result, seconds=time.perf_counter() - started,
-                   samples=count, package=info.package, requested=wanted)
+                   samples=count, package=info.package)
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -285,33 +287,15 @@ def _failure(exc: Exception) -> tuple[str, str]:
     return f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
-def _earlier(run: Run) -> dict[str, dict]:
-    """What earlier audits asked of each result folder still there (relative to the run); {} without one."""
-    path = run.path / "audit.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8")).get("requested", {}) if path.is_file() else {}
-    except (ValueError, AttributeError):  # a damaged audit.json only costs recomputation; it is rewritten below
-        return {}
-    return {k: v for k, v in index.items() if isinstance(v, dict) and (run.path / k / "result.json").is_file()}
+def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any]) -> Path | None:
+    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) whose provenance is ``wanted``.
 
-
-def _requested(run: Run, earlier: dict[str, dict], sections: list[Section]) -> dict[str, dict]:
-    """``earlier`` updated with this audit's results: kept across audits that ran only some analyzers."""
-    index = dict(earlier)
-    for s in sections:
-        if s.result is not None and s.result.path is not None:
-            folder = str(s.result.path.resolve().relative_to(run.path.resolve()))
-            index[folder] = {"requested": s.requested, "params": _jsonish(s.result.params)}
-    return dict(sorted(index.items()))
-
-
-def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any], earlier: dict[str, dict]) -> Path | None:
-    """The newest saved result of ``method`` (METHOD/, METHOD-2/, …) computed with ``wanted`` params.
-
-    A result's own params may differ from what was asked (an analyzer records ``method:
-    auto`` as the method it chose), so a folder the last audit computed with ``wanted``
-    also counts, as long as its params are still the ones that audit saw.
+    A result computed on other samples, another split, target or seed, other weights or
+    data, or by another xdl version does not stand for the one asked for, whatever its
+    parameters; one saved without provenance is never reused.
     """
+    from xdl.provenance import same
+
     pattern = re.compile(rf"{re.escape(method)}(?:-(\d+))?")
     found = []
     for key, folder in run.results(kind).items():
@@ -319,18 +303,13 @@ def _saved(run: Run, kind: str, method: str, wanted: dict[str, Any], earlier: di
         if match:
             found.append((int(match.group(1) or 1), folder))
     for _, folder in sorted(found, reverse=True):
-        params = _jsonish(json.loads((folder / "result.json").read_text(encoding="utf-8")).get("params", {}))
-        if all(params.get(k) == v for k, v in wanted.items()):
-            return folder
-        entry = earlier.get(str(folder.relative_to(run.path)), {})
-        if entry.get("requested") == wanted and entry.get("params") == params:
+        try:
+            saved = json.loads((folder / "result.json").read_text(encoding="utf-8")).get("provenance")
+        except (ValueError, AttributeError):  # a damaged result.json is recomputed, not reused
+            continue
+        if same(saved, wanted):
             return folder
     return None
-
-
-def _jsonish(value: Any) -> Any:
-    """The value as it reads back from result.json, so saved and wanted params compare equal."""
-    return json.loads(json.dumps(value, default=_jsonable))
 
 
 def _progress(items: list, enabled: bool):
@@ -350,115 +329,29 @@ def _say(section: Section) -> None:
 
 
 # -----------------------------------------------------------------------------------------
-# The summary of findings: known metric keys, read when present and left out otherwise
+# The summary of findings: the run's own test accuracy, then each analyzer's own findings
 # -----------------------------------------------------------------------------------------
 
 
-def findings(run: Run, sections: list[Section], eps: float) -> list[Finding]:
-    """Headline numbers from the run's metrics and the analyzers' Result.metrics."""
-    results = {s.key: s.result for s in sections if s.result is not None}
+def findings(run: Run, sections: list[Section]) -> list[Finding]:
+    """Headline numbers: the run's test accuracy, then what each section's analyzer reads from its Result.
+
+    The audit knows no analyzer's metric keys: each analyzer class turns its own Result into
+    findings (``Analyzer.findings``). One that fails costs its findings, not the audit.
+    """
     found = []
     accuracy = run.metrics.get("test_accuracy")
-    if _number(accuracy):
-        found.append(Finding("Test accuracy", _pct(accuracy), f"{run.info['dataset']['sizes']['test']} test samples"))
-    for extract in FINDINGS:
-        found += extract(results, eps)
-    return found
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-def _metrics(results: dict[str, Result], key: str) -> dict[str, Any]:
-    return results[key].metrics if key in results else {}
-
-
-def _robust(results: dict[str, Result], eps: float) -> list[Finding]:
-    """Robust accuracy at eps: PGD's, else the row of FGSM's sweep at that eps."""
-    for key in ("attack/pgd", "attack/fgsm"):
-        if key not in results:
+    if is_number(accuracy):
+        found.append(Finding(
+            "Test accuracy", f"{100 * accuracy:.1f}%", f"{run.info['dataset']['sizes']['test']} test samples",
+            help="The trained model's accuracy on the held-out test split, in eval mode; every other number "
+                 "on this page is best read against it.",
+        ))
+    for s in sections:
+        if s.result is None:
             continue
-        result = results[key]
-        rows = [m for m in (result.metrics, *result.tables.get("robustness", [])) if m.get("eps") == eps]
-        value = rows[0].get("robust_accuracy") if rows else None
-        if _number(value):
-            clean = result.metrics.get("clean_accuracy")
-            detail = f"{key.split('/')[1].upper()} at eps {eps:g}"
-            if _number(clean):
-                detail += f"; clean {_pct(clean)} on the same samples"
-            # Losing more than half the accuracy at the audit's eps is what a reader must not miss.
-            level = "warn" if _number(clean) and value < clean / 2 else "info"
-            return [Finding(f"Robust accuracy (eps {eps:g})", _pct(value), detail, key, level)]
-    return []
-
-
-def _worst_class(results: dict[str, Result], eps: float) -> list[Finding]:
-    bias = _metrics(results, "report/bias")
-    gap, worst, f1 = bias.get("worst_class_gap"), bias.get("worst_class"), bias.get("worst_class_f1")
-    if not _number(gap):
-        return []
-    detail = "best − worst per-class F1" + (f"; worst: class {worst} (F1 {f1:.2f})" if _number(f1) else "")
-    return [Finding("Worst-class gap", f"{gap:.2f}", detail, "report/bias", "warn" if gap > 0.1 else "info")]
-
-
-def _worst_group(results: dict[str, Result], eps: float) -> list[Finding]:
-    """Per sensitive column, the class with the lowest disparate impact; for images, the weakest segment."""
-    bias = _metrics(results, "report/bias")
-    found = []
-    for column, stats in (bias.get("groups") or {}).items():
-        worst = stats.get("worst", {}) if isinstance(stats, dict) else {}
-        difference, impact = worst.get("demographic_parity_difference"), worst.get("disparate_impact")
-        if not _number(difference):
-            continue
-        detail = f"demographic parity difference, class {worst.get('class')}"
-        if _number(impact):
-            # The four-fifths rule (EEOC): a selection-rate ratio below 0.8 indicates adverse impact.
-            detail += f"; disparate impact {impact:.2f}" + (" (below 4/5)" if impact < 0.8 else "")
-        found.append(Finding(f"Worst-group gap ({column})", f"{difference:.2f}", detail, "report/bias",
-                             "warn" if worst.get("flagged") else "info"))
-    segment = bias.get("weakest_segment")
-    if not found and isinstance(segment, dict) and _number(segment.get("accuracy")):
-        detail = f"{segment.get('property')} {segment.get('segment')}, {segment.get('count')} images"
-        found.append(Finding("Weakest image segment", _pct(segment["accuracy"]), detail, "report/bias"))
+        try:
+            found += load_analyzer(s.kind, s.method).findings(s.result)
+        except Exception as exc:  # a plugin's bug: shown where its findings would be
+            found.append(Finding(f"{s.key}: no findings", "error", _failure(exc)[0], s.key, "warn"))
     return found
-
-
-def _overfit(results: dict[str, Result], eps: float) -> list[Finding]:
-    report = _metrics(results, "report/overfit")
-    diagnosis = report.get("diagnosis")
-    if not isinstance(diagnosis, str):
-        return []
-    gap = (report.get("generalization_gap") or {}).get("accuracy")
-    detail = f"train − validation accuracy {_pct(gap)}" if _number(gap) else ""
-    return [Finding("Overfitting", diagnosis, detail, "report/overfit", "info" if diagnosis == "fine" else "warn")]
-
-
-def _ece(results: dict[str, Result], eps: float) -> list[Finding]:
-    report = _metrics(results, "report/calibration")
-    ece = report.get("ece")
-    if not _number(ece):
-        return []
-    after = report.get("ece_scaled")
-    detail = "expected calibration error" + (f"; {after:.3f} after temperature scaling" if _number(after) else "")
-    return [Finding("Calibration (ECE)", f"{ece:.3f}", detail, "report/calibration", "warn" if ece > 0.1 else "info")]
-
-
-def _trust(results: dict[str, Result], eps: float) -> list[Finding]:
-    """The explain method the trust report ranks first, and whether it passes the randomization check."""
-    report = _metrics(results, "report/trust")
-    best = report.get("most_trusted")
-    stats = (report.get("methods") or {}).get(best) if isinstance(best, str) else None
-    if not isinstance(stats, dict) or not (_number(stats.get("deletion_auc")) and _number(stats.get("random_deletion_auc"))):
-        return []
-    check = stats.get("randomization_check")
-    detail = f"deletion AUC {stats['deletion_auc']:.2f} (random order {stats['random_deletion_auc']:.2f}); randomization check: {check}"
-    return [Finding("Most trustworthy explanation", best, detail, "report/trust", "info" if check == "pass" else "warn")]
-
-
-# Order on the page. Each reads only the metric keys it knows and finds nothing when they are absent.
-FINDINGS = (_robust, _worst_class, _worst_group, _overfit, _ece, _trust)

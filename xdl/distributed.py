@@ -205,7 +205,8 @@ def wrap(model: nn.Module, device: torch.device, world: World) -> nn.Module:
 def analyze_shards(analyzer: Any, ctx: Any, params: Any, world: World) -> Any:
     """Run ``analyzer`` on this rank's share of ``ctx``'s samples; rank 0 returns the merge.
 
-    Meant for explain and attack methods, whose work is per sample. Ranks seed alike, so a
+    Only for analyzers that declare ``sharding = "samples"``: their work is per sample, and
+    their own ``merge`` joins the shares. Ranks seed alike, so a
     randomized method draws differently than one process would (an equally valid draw).
     With fewer samples than ranks, every rank runs them all and rank 0's result stands.
     """
@@ -228,7 +229,7 @@ def analyze_shards(analyzer: Any, ctx: Any, params: Any, world: World) -> Any:
     if parts is None:
         return None
     base, extra = divmod(len(ctx.x), world.size)
-    return merge(parts, [base + (r < extra) for r in range(world.size)])
+    return type(analyzer).merge(parts, [base + (r < extra) for r in range(world.size)])
 
 
 def merge(parts: list[Any], sizes: list[int]) -> Any:

@@ -319,26 +319,12 @@ def sensitivity(
 # Running an explain analyzer as an Explainer
 # -----------------------------------------------------------------------------------------
 
-# Where analyzers leave per-input attributions. The saliency family and third parties use
-# "attributions" (shaped like the input); SHAP keeps "shap"; LIME keeps "weights" per
-# superpixel with "segments", or per feature for tables.
-ATTRIBUTION_KEYS = ("attributions", "shap")
-
-
-def attributions_of(result: Result, x: torch.Tensor) -> np.ndarray:
-    """A result's attributions as an array shaped like ``x``, or an XdlError when it has none."""
-    arrays, shape = result.arrays, tuple(x.shape)
-    for key in ATTRIBUTION_KEYS:
-        if key in arrays and tuple(arrays[key].shape) == shape:
-            return np.asarray(arrays[key], dtype=np.float32)
-    weights = arrays.get("weights")
-    if weights is not None and tuple(weights.shape) == shape:
-        return np.asarray(weights, dtype=np.float32)
-    segments = arrays.get("segments")
-    if weights is not None and segments is not None and x.dim() == 4:
-        flat = segments.reshape(len(segments), -1)
-        per_pixel = np.take_along_axis(weights, flat, axis=1).reshape(len(x), 1, *x.shape[2:])
-        return np.broadcast_to(per_pixel, shape).astype(np.float32)
+def attributions_of(analyzer: Analyzer, result: Result, x: torch.Tensor) -> np.ndarray:
+    """A result's attributions as an array shaped like ``x`` (the analyzer knows where it keeps
+    them: ``Analyzer.attributions``), or an XdlError when it has none."""
+    found = type(analyzer).attributions(result, x)
+    if found is not None:
+        return np.asarray(found, dtype=np.float32)
     raise XdlError(
         f"{result.method!r} leaves no per-input attributions, so there is nothing to evaluate; "
         "--evaluate applies to attribution methods such as saliency, ig, shap and lime"
@@ -373,7 +359,7 @@ def explainer(analyzer: Analyzer, ctx: Context, params: Any) -> Explainer:
         # target "true" with y = the targets: the class explained stays fixed whatever the model predicts.
         sub = dataclasses.replace(ctx, model=model, x=x, y=targets, target="true", indices=None, groups={}, progress=False)
         with without_figures():  # only the attributions are compared; the figures would be thrown away
-            return attributions_of(analyze(runner, sub, params), x)
+            return attributions_of(runner, analyze(runner, sub, params), x)
 
     return explain
 
@@ -402,7 +388,7 @@ class Evaluation(Analyzer):
 
     def run(self, ctx: Context, params: EvaluateParams) -> Result:
         targets = ctx.targets()
-        attributions = attributions_of(self.explained, ctx.x)
+        attributions = attributions_of(self.inner, self.explained, ctx.x)
         explain = explainer(self.inner, ctx, self.inner_params)
         budget = BATCHES_PER_PASS * ctx.batch_size
         curves = faithfulness(ctx.model, ctx.x, targets, attributions, fill_value(ctx, ctx.x), params.steps,

@@ -19,10 +19,11 @@ from typing import ClassVar, Literal
 import torch
 
 from xdl import robust
-from xdl.analyzers.base import Analyzer, Context, Result
+from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
 from xdl.errors import XdlError
 
 GRID_SAMPLES = 8
+ROW_KEYS = ("eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "mean_confidence_drop")  # _measure's
 
 
 @dataclass
@@ -65,6 +66,8 @@ class _Attack(Analyzer):
 
     kind: ClassVar[str] = "attack"
     samples: ClassVar[int | None] = None
+    sharding: ClassVar[str] = "samples"
+    help: ClassVar[str] = ""  # how to read this attack's robust accuracy, for the audit's finding
 
     def perturb(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, eps: float, params, mask) -> torch.Tensor:
         raise NotImplementedError
@@ -100,12 +103,58 @@ class _Attack(Analyzer):
             "clean_predictions": clean.argmax(1).numpy(),
             "labels": labels.numpy(),
         }
-        result.summary = self._summary(params, result.metrics, rows, ctx)
+        result.summary = _summary(self.label(params), result.metrics, rows, ctx.kind == "tabular")
         if len(sweep) > 1:
             result.tables["robustness"] = rows
             result.add_figure("robustness_curve", _curve(rows, result.metrics["clean_accuracy"], self.label(params)))
         if ctx.kind == "image" and len(labels):
             result.add_figure("examples", _grid(ctx, adv, clean, probs, labels))
+        return result
+
+    @classmethod
+    def findings(cls, result: Result) -> list[Finding]:
+        """Robust accuracy at the eps this result was computed with (the last of a sweep)."""
+        metrics = result.metrics
+        value, clean, eps = metrics.get("robust_accuracy"), metrics.get("clean_accuracy"), metrics.get("eps")
+        if not (is_number(value) and is_number(eps)):
+            return []
+        rows = result.tables.get("robustness", [])
+        detail = f"{result.method.upper()} on {metrics.get('samples', '?')} samples"
+        if is_number(clean):
+            detail += f"; clean {clean:.1%} on the same samples"
+        if len(rows) > 1:
+            detail += "; sweep " + ", ".join(f"{r['robust_accuracy']:.0%} at {r['eps']:g}" for r in rows)
+        # Losing more than half the accuracy at the eps asked for is what a reader must not miss.
+        level = "warn" if is_number(clean) and value < clean / 2 else "info"
+        return [Finding(f"Robust accuracy ({result.method.upper()}, eps {eps:g})", f"{value:.1%}", detail,
+                        f"{result.kind}/{result.method}", level, cls.help)]
+
+    @classmethod
+    def merge(cls, parts: list[Result], sizes: list[int]) -> Result:
+        """The shares' results as one, from counts: success_rate is a ratio over the originally
+        correct samples, so each share weighs by its correct count, not by its sample count."""
+        import dataclasses
+
+        from xdl.analyzers.base import parse_params
+        from xdl.distributed import merge as concatenate
+
+        merged = concatenate(parts, sizes)  # per-sample arrays, in sample order
+        correct = [int((p.arrays["clean_predictions"] == p.arrays["labels"]).sum()) for p in parts]
+        sweeps = [p.tables.get("robustness") or [{k: p.metrics[k] for k in ROW_KEYS}] for p in parts]
+        rows = [_pooled(list(same_eps), sizes, correct) for same_eps in zip(*sweeps)]
+        metrics = {**parts[0].metrics, **rows[-1], "clean_accuracy": sum(correct) / sum(sizes), "samples": sum(sizes)}
+        params = parse_params(cls.Params, {f.name: merged.params[f.name] for f in dataclasses.fields(cls.Params)})
+        label = cls().label(params)
+        tabular = not metrics["perturbed"].startswith("all inputs")
+        result = dataclasses.replace(merged, metrics=metrics, summary=_summary(label, metrics, rows, tabular))
+        # The generic merge's caveat (its last warning) about averaged metrics does not apply here.
+        result.warnings = merged.warnings[:-1] + [
+            f"computed by {len(parts)} processes on shares of {sum(sizes)} samples and merged from their counts; "
+            "the examples figure shows the first share's samples"
+        ]
+        if len(rows) > 1:
+            result.tables["robustness"] = rows
+            result.add_figure("robustness_curve", _curve(rows, metrics["clean_accuracy"], label))
         return result
 
     def _attack_split(self, ctx: Context, labels: torch.Tensor, eps: float, params, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,21 +167,6 @@ class _Attack(Analyzer):
             adv.append(out.cpu())
         return torch.cat(adv), torch.cat(probs)
 
-    def _summary(self, params, metrics: dict, rows: list[dict], ctx: Context) -> str:
-        clean = f"(clean {metrics['clean_accuracy']:.1%})"
-        if len(rows) > 1:
-            curve = ", ".join(f"{r['robust_accuracy']:.1%} at {r['eps']:g}" for r in rows)
-            text = f"{self.label(params)} eps sweep: robust accuracy {curve} {clean}"
-        else:
-            flipped = metrics["success_rate"]
-            text = f"{self.label(params)} eps={rows[0]['eps']:g}: robust accuracy {metrics['robust_accuracy']:.1%} {clean}"
-            if flipped is not None:
-                text += f", {flipped:.0%} of correct samples flipped"
-        if ctx.kind == "tabular":
-            text += "; numeric features only, in standardized units"
-        return text
-
-
 class Fgsm(_Attack):
     """Fast Gradient Sign Method (Goodfellow et al. 2015): one step of eps·sign(∇ₓ loss)."""
 
@@ -142,6 +176,11 @@ class Fgsm(_Attack):
         "Accuracy after each input is pushed by eps (in pixel units of [0, 1]) in the direction that most increases the "
         "loss, in one step (Goodfellow et al. 2015). A single step is a weak attack: a high number here proves little "
         "until PGD and AutoAttack agree with it."
+    )
+    help: ClassVar[str] = (
+        "Accuracy when every input is pushed one signed-gradient step of size eps (Goodfellow et al. 2015); "
+        "FGSM is a weak attack, so a high value does not show robustness, while a value far below the clean "
+        "accuracy at a small eps means invisible changes flip predictions."
     )
 
     def perturb(self, ctx, x, y, eps, params, mask):
@@ -160,6 +199,11 @@ class Pgd(_Attack):
         "Accuracy under many small gradient steps kept within eps of the input (Madry et al. 2018): the standard "
         "first-order attack. Robust accuracy far below clean accuracy means small, invisible changes flip predictions; "
         "a number that stays high while FGSM or black-box attacks do better hints at masked gradients."
+    )
+    help: ClassVar[str] = (
+        "Accuracy when each input may be changed by at most eps to fool the model, searched by projected "
+        "gradient descent (Madry et al. 2018); it bounds robustness from above (a stronger attack can only "
+        "lower it), and a value far below the clean accuracy means small changes flip predictions."
     )
 
     def perturb(self, ctx, x, y, eps, params, mask):
@@ -197,6 +241,32 @@ def _measure(eps: float, x: torch.Tensor, adv: torch.Tensor, clean: torch.Tensor
         "mean_l2": float(delta.norm(dim=1).mean()) if len(delta) else 0.0,
         "mean_confidence_drop": float(drop.mean()) if len(drop) else 0.0,
     }
+
+
+def _summary(label: str, metrics: dict, rows: list[dict], tabular: bool) -> str:
+    clean = f"(clean {metrics['clean_accuracy']:.1%})"
+    if len(rows) > 1:
+        curve = ", ".join(f"{r['robust_accuracy']:.1%} at {r['eps']:g}" for r in rows)
+        text = f"{label} eps sweep: robust accuracy {curve} {clean}"
+    else:
+        flipped = metrics["success_rate"]
+        text = f"{label} eps={rows[0]['eps']:g}: robust accuracy {metrics['robust_accuracy']:.1%} {clean}"
+        if flipped is not None:
+            text += f", {flipped:.0%} of correct samples flipped"
+    if tabular:  # what moved and in which units: standardized only when xdl encoded the table
+        text += "; " + metrics["perturbed"].partition(":")[0]
+    return text
+
+
+def _pooled(rows: list[dict], sizes: list[int], correct: list[int]) -> dict:
+    """One eps's row over all shares: means weigh by samples, the success rate by correct samples."""
+    total = sum(sizes)
+    pooled = {"eps": rows[0]["eps"]}
+    for key in ("robust_accuracy", "mean_linf", "mean_l2", "mean_confidence_drop"):
+        pooled[key] = sum(r[key] * n for r, n in zip(rows, sizes)) / total
+    fooled = sum(r["success_rate"] * c for r, c in zip(rows, correct) if c)
+    pooled["success_rate"] = fooled / sum(correct) if sum(correct) else None
+    return {k: pooled[k] for k in ROW_KEYS}
 
 
 def _perturbed(ctx: Context, mask: torch.Tensor | None) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from xdl.analyzers import Analyzer, Context, Result
+from xdl.analyzers.base import Finding, is_number
 from xdl.errors import XdlError
 
 FOUR_FIFTHS = 0.8  # EEOC's four-fifths rule: a selection-rate ratio below it indicates adverse impact
@@ -85,6 +86,45 @@ class Bias(Analyzer):
         result.tables["predictions"] = [dict(zip(predictions, row)) for row in zip(*(_plain(v) for v in predictions.values()))]
         result.summary = "; ".join(parts)
         return result
+
+    @classmethod
+    def findings(cls, result: Result) -> list[Finding]:
+        """The worst class's F1 gap; per sensitive column the worst group gap, else the weakest image segment."""
+        metrics, source, found = result.metrics, f"{result.kind}/{result.method}", []
+        gap, worst, f1 = metrics.get("worst_class_gap"), metrics.get("worst_class"), metrics.get("worst_class_f1")
+        if is_number(gap):
+            detail = "best − worst per-class F1" + (f"; worst: class {worst} (F1 {f1:.2f})" if is_number(f1) else "")
+            found.append(Finding(
+                "Worst-class gap", f"{gap:.2f}", detail, source, "warn" if gap > 0.1 else "info",
+                "The spread between the best and the worst class's F1 score on the same split; above 0.1 the "
+                "model serves some classes markedly worse, check the worst class's support and confusions.",
+            ))
+        groups = 0
+        for column, stats in (metrics.get("groups") or {}).items():
+            stats = stats.get("worst", {}) if isinstance(stats, dict) else {}
+            difference, impact = stats.get("demographic_parity_difference"), stats.get("disparate_impact")
+            if not is_number(difference):
+                continue
+            detail = f"demographic parity difference, class {stats.get('class')}"
+            if is_number(impact):
+                detail += f"; disparate impact {impact:.2f}" + (" (below 4/5)" if impact < FOUR_FIFTHS else "")
+            groups += 1
+            found.append(Finding(
+                f"Worst-group gap ({column})", f"{difference:.2f}", detail, source,
+                "warn" if stats.get("flagged") else "info",
+                "The largest difference between groups in how often a class is predicted (demographic parity, "
+                "fairlearn); a selection-rate ratio below 0.8 fails the four-fifths rule of US employment "
+                "law (EEOC 1978), the common threshold for adverse impact.",
+            ))
+        segment = metrics.get("weakest_segment")
+        if not groups and isinstance(segment, dict) and is_number(segment.get("accuracy")):
+            detail = f"{segment.get('property')} {segment.get('segment')}, {segment.get('count')} images"
+            found.append(Finding(
+                "Weakest image segment", f"{segment['accuracy']:.1%}", detail, source, "info",
+                "Accuracy on the quantile of images (by brightness, contrast or foreground area) where the model "
+                "does worst; far below the overall accuracy it points at inputs the training data under-covers.",
+            ))
+        return found
 
 
 # -----------------------------------------------------------------------------------------

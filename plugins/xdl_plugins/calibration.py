@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from xdl.analyzers import Analyzer, Context, Result
+from xdl.analyzers.base import Finding, is_number
 from xdl.errors import XdlError
 
 
@@ -41,6 +42,19 @@ class Calibration(Analyzer):
         "Whether a predicted 90% confidence is right 90% of the time. ECE above about 0.05 means confidences "
         "should not be taken at face value; temperature scaling often fixes it (Guo et al. 2017)."
     )
+
+    @classmethod
+    def findings(cls, result: Result) -> list[Finding]:
+        ece, after = result.metrics.get("ece"), result.metrics.get("ece_scaled")
+        if not is_number(ece):
+            return []
+        detail = "expected calibration error" + (f"; {after:.3f} after temperature scaling" if is_number(after) else "")
+        return [Finding(
+            "Calibration (ECE)", f"{ece:.3f}", detail, f"{result.kind}/{result.method}", "warn" if ece > 0.1 else "info",
+            "The average gap between the model's confidence and its accuracy over confidence bins (Guo et al. 2017, "
+            "On Calibration of Modern Neural Networks); above about 0.1 its probabilities should not be read as "
+            "chances, and a much lower value after temperature scaling says one fitted temperature fixes it.",
+        )]
 
     def run(self, ctx: Context, params: CalibrationParams) -> Result:
         if ctx.y is None:

@@ -52,6 +52,7 @@ class Lime(Analyzer):
     kind = "explain"
     Params = LimeParams
     samples = 8
+    sharding = "samples"
     description = "LIME: superpixel (images) or column (tables) weights of a local linear surrogate"
     guide = (
         "Weights of a simple linear model fitted to the classifier around this one input (Ribeiro et al. "
@@ -59,6 +60,18 @@ class Lime(Analyzer):
         "weights then."
     )
     check_params = {"segmentation": "slic", "n_segments": 8, "num_samples": 50}
+
+    @classmethod
+    def attributions(cls, result: Result, x: torch.Tensor) -> np.ndarray | None:
+        """Per-feature weights for tables; for images each pixel takes its superpixel's weight."""
+        weights, segments, shape = result.arrays.get("weights"), result.arrays.get("segments"), tuple(x.shape)
+        if weights is not None and tuple(weights.shape) == shape:
+            return weights
+        if weights is None or segments is None or x.dim() != 4:
+            return None
+        flat = segments.reshape(len(segments), -1)
+        per_pixel = np.take_along_axis(weights, flat, axis=1).reshape(len(x), 1, *x.shape[2:])
+        return np.broadcast_to(per_pixel, shape)
 
     def run(self, ctx: Context, params: LimeParams) -> Result:
         require_classifier(ctx)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xdl.analyzers import Analyzer, Context, Result
+from xdl.analyzers.base import Finding, is_number
 from xdl.errors import XdlError
 
 
@@ -102,6 +103,20 @@ class Overfit(Analyzer):
         result.add_figure("learning_curves", _plot(curves, best, kept, accuracy["test"]))
         result.summary = "; ".join([f"{diagnosis}: {evidence[0]}", *suggestions])
         return result
+
+    @classmethod
+    def findings(cls, result: Result) -> list[Finding]:
+        diagnosis = result.metrics.get("diagnosis")
+        if not isinstance(diagnosis, str):
+            return []
+        gap = (result.metrics.get("generalization_gap") or {}).get("accuracy")
+        detail = f"train − validation accuracy {gap:.1%}" if is_number(gap) else ""
+        return [Finding(
+            "Overfitting", diagnosis, detail, f"{result.kind}/{result.method}", "info" if diagnosis == "fine" else "warn",
+            "Read from the learning curves, comparing clean eval-mode losses on training and validation data; "
+            "overfitting (validation loss rising while training loss falls) or underfitting both mean the "
+            "model's accuracy can still be improved by the suggested change.",
+        )]
 
 
 def _curves(run) -> dict[str, np.ndarray]:

@@ -63,6 +63,7 @@ class Attribution(Analyzer):
 
     kind = "explain"
     samples = 16
+    sharding = "samples"
 
     def cmap(self, params) -> str:
         """"bwr" for signed maps, "hot" for non-negative ones."""

@@ -57,6 +57,7 @@ class Shap(Analyzer):
     kind = "explain"
     Params = ShapParams
     samples = 16
+    sharding = "samples"
     description = "SHAP values: expected gradients or DeepSHAP (images), KernelSHAP (tables)"
     guide = (
         "Each value is a feature's share of the gap between this prediction and the average one (Lundberg & "
@@ -65,13 +66,21 @@ class Shap(Analyzer):
     )
     check_params = {"background": 8, "clusters": 4, "nsamples": 16}
 
+    @classmethod
+    def attributions(cls, result: Result, x: torch.Tensor) -> np.ndarray | None:
+        found, target = result.arrays.get("shap"), result.arrays.get("target")
+        if found is not None and target is not None and found.ndim == x.dim() + 1:  # all_classes: N×K×<input>
+            found = found[np.arange(len(found)), target]
+        return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
+
     def run(self, ctx: Context, params: ShapParams) -> Result:
         outputs = require_classifier(ctx)
         method = params.method if params.method != "auto" else ("gradient" if ctx.kind == "image" else "kernel")
         if method == "kernel" and ctx.kind != "tabular":
             raise XdlError("method=kernel is for tabular runs; use method=gradient or method=deep for images")
         result = self.result()
-        classes = torch.arange(outputs)[:, None].expand(-1, len(ctx.x)) if params.all_classes else ctx.targets()[None]
+        target = ctx.targets()
+        classes = torch.arange(outputs)[:, None].expand(-1, len(ctx.x)) if params.all_classes else target[None]
         if method == "kernel":
             background = kernel_background(ctx, params.clusters)
             values, expected = kernel_shap(ctx, background, params.nsamples, classes)
@@ -91,20 +100,22 @@ class Shap(Analyzer):
             additivity_mean_abs_gap=gap, additivity_relative_gap=relative, background=len(reference),
             mean_abs_attribution=float(values.abs().mean()),
         )
-        target = classes[0].numpy()
+        # The target class's values: what the figure and tables show, also when every class was explained.
+        explained = values[target, torch.arange(len(target))] if params.all_classes else values[0]
         # shap: N×<input> for the target class, N×K×<input> with all_classes
-        result.arrays.update(shap=values.movedim(0, 1).numpy() if params.all_classes else values[0].numpy(), target=target)
+        result.arrays.update(shap=values.movedim(0, 1).numpy() if params.all_classes else explained.numpy(),
+                             target=target.numpy())
         result.summary = (
             f"SHAP ({method}) for {len(ctx.x)} samples; attributions sum to f(x) - E[f(background)] "
             f"within {relative:.1%} on average"
         )
         if ctx.kind == "tabular":
-            tabular_outputs(ctx, values[0].numpy(), expected[classes[0]].numpy(), result)
+            tabular_outputs(ctx, explained.numpy(), expected[target].numpy(), result)
         elif figures_wanted():
             from xdl.plotting import attribution_grid
 
             titles = [f"class {ctx.class_names[t] if ctx.class_names else t}" for t in target.tolist()]
-            result.add_figure("shap", attribution_grid(ctx.x.numpy(), values[0].numpy(), titles))
+            result.add_figure("shap", attribution_grid(ctx.x.numpy(), explained.numpy(), titles))
         return result
 
 

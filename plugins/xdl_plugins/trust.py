@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Result, parse_params
+from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number, parse_params
 from xdl.analyzers.registry import load_analyzer
 from xdl.errors import XdlError
 from xdl.evaluation import (
@@ -68,6 +68,25 @@ class Trust(Analyzer):
         "A method that fails the randomization check is explaining the input, not the model."
     )
     check_params = {"methods": ["saliency", "deeplift"], "steps": 4, "orders": 1}  # one backward pass each
+
+    @classmethod
+    def findings(cls, result: Result) -> list[Finding]:
+        """The explain method ranked first, and whether it passes the randomization check."""
+        best = result.metrics.get("most_trusted")
+        stats = (result.metrics.get("methods") or {}).get(best) if isinstance(best, str) else None
+        if not isinstance(stats, dict) or not (is_number(stats.get("deletion_auc")) and is_number(stats.get("random_deletion_auc"))):
+            return []
+        check = stats.get("randomization_check")
+        detail = (f"deletion AUC {stats['deletion_auc']:.2f} (random order {stats['random_deletion_auc']:.2f}); "
+                  f"randomization check: {check}")
+        return [Finding(
+            "Most trustworthy explanation", best, detail, f"{result.kind}/{result.method}",
+            "info" if check == "pass" else "warn",
+            "The explain method whose maps best track the model: deleting its top-ranked inputs lowers the "
+            "prediction faster than a random order, and its maps change when the weights are randomized "
+            "(Adebayo et al. 2018, Sanity Checks for Saliency Maps); a failed check means its maps do not "
+            "depend on what the model learned.",
+        )]
 
     def run(self, ctx: Context, params: TrustParams) -> Result:
         targets = ctx.targets()

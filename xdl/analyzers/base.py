@@ -221,6 +221,11 @@ class Finding:
     help: str = ""  # one plain sentence on how to read the number and what would be worrying
 
 
+def is_number(value: Any) -> bool:
+    """A metric a finding can quote: int or float, not bool (metrics read back from JSON may be anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class Result:
     """What an analyzer returns. ``save(dir)`` writes result.json, PNGs, CSVs and arrays.npz.
@@ -389,6 +394,24 @@ class Analyzer:
     def findings(cls, result: Result) -> list[Finding]:
         """The audit summary lines this result supports; an analyzer knows its own metric keys."""
         return []
+
+    @classmethod
+    def attributions(cls, result: Result, x: torch.Tensor) -> np.ndarray | None:
+        """Per-input attributions shaped like ``x`` (for ``--evaluate`` and the trust report), or None.
+
+        The default reads ``arrays["attributions"]``; a method keeping them elsewhere overrides this.
+        """
+        found = result.arrays.get("attributions")
+        return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
+
+    @classmethod
+    def merge(cls, parts: list[Result], sizes: list[int]) -> Result:
+        """One Result from the per-share Results of a "samples" analyzer (``sizes[r]`` samples each,
+        rank order). The default concatenates per-sample arrays and averages metrics by sample
+        count (:func:`xdl.distributed.merge`); override it when a metric is a ratio over a subset."""
+        from xdl.distributed import merge
+
+        return merge(parts, sizes)
 
     @classmethod
     def applies(cls, ctx: Context) -> bool:

@@ -1,0 +1,106 @@
+"""What a Result was computed on, so a number is never quoted for samples it did not see.
+
+:func:`record` builds the ``Result.provenance`` dict: the split, the exact sample
+positions (a list up to ``INDEX_LIST_MAX`` of them, else only their digest), the target,
+the seed, the asked parameters, the xdl version, and sha256 digests of the model's weights
+and of the split's tensors. Two results may stand for each other — the audit reusing a
+saved one — only when their provenance is equal (:func:`same`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xdl.io import _jsonable
+
+INDEX_LIST_MAX = 10_000  # above this, result.json keeps only the indices' digest
+CHUNK = 1 << 20
+
+
+def _update(h: "hashlib._Hash", array: Any) -> None:
+    """Feed dtype, shape and bytes: equal digests mean equal arrays, not merely equal bytes."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().contiguous().numpy()
+    array = np.ascontiguousarray(array)
+    if array.dtype == object:  # group labels: strings
+        array = array.astype(str)
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(memoryview(array).cast("B"))
+
+
+def digest_arrays(*arrays: Any) -> str:
+    h = hashlib.sha256()
+    for array in arrays:
+        _update(h, array)
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of the state dict: names, dtypes, shapes and values, in sorted name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        _update(h, tensor)
+    return h.hexdigest()
+
+
+def data_digest(x: torch.Tensor, y: torch.Tensor | None, groups: dict[str, np.ndarray] | None = None) -> str:
+    """sha256 of a split as the model sees it: inputs after encoding, labels, group labels."""
+    h = hashlib.sha256()
+    _update(h, x)
+    if y is not None:
+        _update(h, y)
+    for name, labels in sorted((groups or {}).items()):
+        h.update(name.encode())
+        _update(h, labels)
+    return h.hexdigest()
+
+
+def record(*, split: str, index: np.ndarray, target: Any, seed: int, params: dict[str, Any], model: str,
+           data: str) -> dict[str, Any]:
+    """The provenance of a result computed on ``index`` of ``split`` with ``params``."""
+    from xdl import __version__
+
+    index = np.asarray(index, dtype=np.int64)
+    digest = digest_arrays(index)
+    return {
+        "split": split,
+        "samples": int(len(index)),
+        "indices": index.tolist() if len(index) <= INDEX_LIST_MAX else digest,
+        "indices_sha256": digest,
+        "target": target if isinstance(target, str) else int(target),
+        "seed": int(seed),
+        # as result.json reads them back, so a saved and a fresh provenance compare equal
+        "params": json.loads(json.dumps(params, default=_jsonable)),
+        "xdl_version": __version__,
+        "model_sha256": model,
+        "data_sha256": data,
+    }
+
+
+def same(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
+    """Whether a saved result was computed on exactly what ``wanted`` describes (all of it)."""
+    return isinstance(saved, dict) and bool(saved) and saved == wanted
+
+
+def describe(provenance: dict[str, Any]) -> str:
+    """``"8 samples of the test split"``: for the page, beside every section."""
+    if not provenance:
+        return ""
+    n = provenance.get("samples")
+    return f"{n} sample{'s' if n != 1 else ''} of the {provenance.get('split')} split"
