@@ -262,6 +262,14 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
     add("plugins", "unknown option", "plugins", "--bogus")
     add("xdl", "unknown command", "frobnicate")
     add("xdl", "unknown global option", "--bogus")
+
+    # data-quality reports (labels, duplicates, ood) and report --data
+    for method, flag, value in [("ood", "--data", r / "no-such.npz"), ("ood", "--data", r / "garbage.npz"),
+                                ("ood", "--data", r / "flat_x.npz"), ("labels", "--data", r / "flat_x.npz"),
+                                ("labels", "--param", "folds=1"), ("labels", "--param", "rank_by=luck"),
+                                ("duplicates", "--param", "feature_threshold=2"), ("duplicates", "--param", "chunk=0"),
+                                ("ood", "--param", "temperature=0")]:
+        add("report", f"{method} {flag} {value}", "report", w["run"], "--method", method, "-q", flag, value)
     return rows
 
 

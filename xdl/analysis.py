@@ -76,6 +76,7 @@ def analyze(
     out: str | Path | None = None,
     progress: bool = False,
     evaluate: bool = False,
+    other=None,
 ):
     """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
 
@@ -87,6 +88,8 @@ def analyze(
     ``evaluate=True`` (explain only) adds how far the explanation can be trusted —
     deletion/insertion AUC against random order, infidelity, sensitivity and the
     randomization check of :mod:`xdl.evaluation` — as ``metrics["evaluation"]``.
+    ``other`` is another input set for analyzers that score one (``takes_data``, e.g. ood):
+    see :func:`other_data`.
     """
     import torch
 
@@ -132,6 +135,10 @@ def analyze(
             target=target, split=split, indices=index, progress=progress,
         )
         fingerprint = _fingerprint(run, part)
+    if other is not None:
+        if not getattr(cls, "takes_data", False):
+            raise XdlError(f"--data applies to methods that score another input set (ood), not {kind} method {method!r}")
+        ctx.other, ctx.other_name = other_data(other, ctx)
     if world.size > 1 and cls.sharding == "samples":
         result = distributed.analyze_shards(analyzer, ctx, parsed, world)
     elif world.main:  # a PCA, a report: it needs the whole split, so rank 0 computes it
@@ -149,6 +156,8 @@ def analyze(
         split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
         model=fingerprint[0], data=fingerprint[1],
     )
+    if other is not None:  # a score on another input set depends on that set too
+        result.provenance["other"] = {"name": ctx.other_name, "data": provenance.data_digest(ctx.other.x, ctx.other.y)}
     if out is not None:
         result.save(out)
     elif run is not None and save:
@@ -182,3 +191,40 @@ def expected_provenance(
     model, data = _fingerprint(run, part)
     return provenance.record(split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
                              model=model, data=data)
+
+
+def other_data(data, ctx) -> tuple:
+    """Another input set as a Split and its name: tensors as given; a dataset name (its test
+    split); a folder or .npz (all its samples); for tabular runs, a CSV with the run's columns
+    encoded the run's way (the target column may be absent)."""
+    import numpy as np
+    import torch
+
+    from xdl.data import DATASETS, load_data
+    from xdl.data.types import Split
+
+    if isinstance(data, Split):
+        return data, "the given split"
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        x = torch.as_tensor(data).float()
+        return Split(x, torch.zeros(len(x), dtype=torch.long)), "the given inputs"
+    name = str(data.get("name", "")) if isinstance(data, dict) else str(data)
+    if ctx.kind == "tabular":
+        if not name.lower().endswith(".csv"):
+            raise XdlError(f"--data for a tabular run must be a CSV file with the run's columns, got {name!r}")
+        from xdl.data.csv import encode_frame, read_csv
+
+        frame = read_csv(name)
+        missing = [c.name for c in ctx.encoding.columns if c.name not in frame.columns]
+        if missing:
+            raise XdlError(f"--data {name} has no column {missing[0]!r}; this run's model reads {', '.join(ctx.encoding.original_names)}")
+        x = torch.from_numpy(encode_frame(frame, ctx.encoding))
+        return Split(x, torch.zeros(len(x), dtype=torch.long)), f"{name} ({len(x)} rows)"
+    splits = load_data(data)
+    if splits.kind != ctx.kind:
+        raise XdlError(f"--data {name} holds {splits.kind} data but this run's model takes {ctx.kind} data")
+    if name in DATASETS:
+        return splits.test, f"{name} test split"
+    parts = [splits.train, splits.val, splits.test]
+    x = torch.cat([p.x for p in parts])
+    return Split(x, torch.cat([p.y for p in parts])), f"{name} ({len(x)} samples)"

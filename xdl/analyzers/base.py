@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.data.types import DataSplits, Encoding
+from xdl.data.types import DataSplits, Encoding, Split
 from xdl.errors import XdlError
 from xdl.io import atomic_write, write_json
 
@@ -131,6 +131,9 @@ class Context:
     split: str = "test"
     indices: np.ndarray | None = None  # positions of x within the split, when known
     progress: bool = False
+    # Another input set (``xdl report --data``), e.g. for out-of-distribution scores, and what it is.
+    other: Split | None = None
+    other_name: str = ""
 
     def __post_init__(self) -> None:
         # Checked once here, for every analyzer, whether or not it ever calls targets().

@@ -21,7 +21,8 @@ FLAGS = {
                              help="also measure faithfulness (deletion/insertion vs random order), infidelity, "
                                   "sensitivity and the randomization sanity check")],
     "attack": [],
-    "report": [],
+    "report": [click.Option(["--data"], help="another input set to score (ood): a dataset name, a folder, .npz, "
+                                              "or a CSV with the run's columns")],
 }
 
 
@@ -58,7 +59,7 @@ class MethodHelp(click.Command):
 
 def make_command(kind: str) -> click.Command:
     def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet,
-                evaluate=False, **shortcuts):
+                evaluate=False, data=None, **shortcuts):
         from xdl.api import analyze
 
         params = list(param)
@@ -67,6 +68,7 @@ def make_command(kind: str) -> click.Command:
             kind, run, method, samples="default" if samples is None else samples, split=split,
             indices=_indices(indices), target=_target(target), params=params, device=device, seed=seed,
             batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate,
+            **({"other": data} if data is not None else {}),
         )
         if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
             return

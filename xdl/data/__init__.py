@@ -103,17 +103,20 @@ def random_splits(
     spec: dict,
     groups: dict[str, np.ndarray] | None = None,
     test: tuple[np.ndarray | torch.Tensor, np.ndarray] | None = None,
+    source: np.ndarray | None = None,
 ) -> tuple[Split, Split, Split]:
     """Seeded, stratified train/val/test split (test only when no official one is given).
 
     Stratification keeps every class in every split when it can; it falls back to a plain
-    shuffle for classes too small to stratify.
+    shuffle for classes too small to stratify. ``source`` is each row's number in its file
+    when ``x`` is already a selection of it (``--limit``); each split keeps these numbers.
     """
     from sklearn.model_selection import train_test_split
 
     groups = groups or {}
     n = len(y)
     index = np.arange(n)
+    source = index if source is None else np.asarray(source)
 
     def cut(idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -133,10 +136,12 @@ def random_splits(
             xs.float(),
             torch.as_tensor(y[np.sort(idx)], dtype=torch.long),
             {k: v[np.sort(idx)] for k, v in groups.items()},
+            source[np.sort(idx)],
         )
 
     if test is None:
         test_split = take(test_idx)
     else:
-        test_split = Split(torch.as_tensor(test[0]).float(), torch.as_tensor(test[1], dtype=torch.long))
+        test_split = Split(torch.as_tensor(test[0]).float(), torch.as_tensor(test[1], dtype=torch.long),
+                           source=np.arange(len(test[1])))
     return take(train_idx), take(val_idx), test_split

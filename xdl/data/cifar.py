@@ -199,5 +199,5 @@ def load_cifar10(spec: dict) -> DataSplits:
         x, y = x[index], y[index]
     x = x.astype(np.float32) / np.float32(255.0)
     xt = xt.astype(np.float32) / np.float32(255.0)
-    train, val, test = random_splits(x, y, spec, test=(xt, yt))
+    train, val, test = random_splits(x, y, spec, test=(xt, yt), source=index)
     return DataSplits(train, val, test, "image", class_names, spec)

@@ -161,6 +161,7 @@ def load_csv(spec: dict) -> DataSplits:
             torch.from_numpy(encode_frame(frame.iloc[idx], encoding)),
             part.y,
             part.groups,
+            idx,
         )
         for idx, part in zip(indices, parts)
     ]

@@ -138,7 +138,7 @@ def load_npz(spec: dict) -> DataSplits:
     index = limit_index(len(y), spec)
     if index is not None:
         x, y = x[index], y[index]
-    train, val, test_split = random_splits(x, y, spec, test=test)
+    train, val, test_split = random_splits(x, y, spec, test=test, source=index)
     if kind == "tabular":
         features = [f"f{i}" for i in range(x.shape[1])]
         encoding = Encoding([ColumnEncoding(name, "numeric") for name in features])
@@ -230,5 +230,5 @@ def load_folder(spec: dict) -> DataSplits:
             notes.append("converted grayscale images to RGB to match the colour ones")
     x = np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
     y = np.array([label for _, label in files], dtype=np.int64)
-    train, val, test = random_splits(x, y, spec)
+    train, val, test = random_splits(x, y, spec, source=index)
     return DataSplits(train, val, test, "image", class_names, spec, notes=notes)

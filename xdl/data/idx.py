@@ -150,7 +150,7 @@ def _load_idx_dataset(spec: dict, name: str, class_names: list[str]) -> DataSpli
     index = limit_index(len(y), spec)
     if index is not None:
         x, y = x[index], y[index]
-    train, val, test = random_splits(x, y, spec, test=(xt, yt))
+    train, val, test = random_splits(x, y, spec, test=(xt, yt), source=index)
     return DataSplits(train, val, test, "image", list(class_names), spec)
 
 

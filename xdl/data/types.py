@@ -22,14 +22,22 @@ class Split:
     x: torch.Tensor
     y: torch.Tensor
     groups: dict[str, np.ndarray] = field(default_factory=dict)
+    # Each sample's row in the file it was read from (train/val: the training file or the one
+    # file; test: the test file when there is one), so a report can name it for fixing.
+    source: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def source_index(self) -> np.ndarray:
+        """Row numbers in the source file; positions in the split when the loader kept none."""
+        return np.arange(len(self)) if self.source is None else self.source
+
     def subset(self, index: torch.Tensor | np.ndarray | list[int]) -> "Split":
         index = torch.as_tensor(np.asarray(index), dtype=torch.long)
         groups = {k: v[index.numpy()] for k, v in self.groups.items()}
-        return Split(self.x[index], self.y[index], groups)
+        return Split(self.x[index], self.y[index], groups, self.source_index[index.numpy()])
 
 
 @dataclass
