@@ -21,6 +21,7 @@ import torch
 from xdl import robust
 from xdl.analyzers.base import Analyzer, Context, Result
 from xdl.errors import XdlError
+from xdl.limits import at_most
 
 GRID_SAMPLES = 8
 
@@ -35,6 +36,8 @@ class FgsmParams:
             raise ValueError("eps needs at least one value")
         if min(values) < 0:
             raise ValueError(f"eps must be ≥ 0, got {min(values):g}")
+        at_most("the number of eps values", len(values), 100)
+        at_most("eps", max(values), 1e6)
 
     @property
     def sweep(self) -> list[float]:
