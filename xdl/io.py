@@ -83,6 +83,9 @@ def read_json(path: str | Path) -> Any:
         raise XdlError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+# RFC 4180's line end; with it the csv module also quotes a cell holding a bare "\r",
+# which a "\n" terminator would let split the row in two.
+CSV_LINE_END = "\r\n"
 # Cells a spreadsheet would run as a formula (OWASP, "CSV Injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 

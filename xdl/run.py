@@ -26,7 +26,7 @@ from torch import nn
 
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
-from xdl.io import atomic_path, atomic_write, csv_safe, read_json, write_json
+from xdl.io import atomic_path, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
 from xdl.schema import check_run_info
 from xdl.trust import require_trust
 
@@ -83,7 +83,7 @@ def write_history(path: Path, history: list[dict]) -> None:
     columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
     columns += sorted({k for row in history for k in row} - set(columns))
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator=CSV_LINE_END)
     writer.writerow(csv_safe(c) for c in columns)
     writer.writerows([csv_safe(row.get(c, "")) for c in columns] for row in history)
     atomic_write(path, out.getvalue())

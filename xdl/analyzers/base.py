@@ -24,7 +24,7 @@ from torch import nn
 
 from xdl.data.types import DataSplits, Encoding
 from xdl.errors import XdlError
-from xdl.io import atomic_write, csv_safe, write_json
+from xdl.io import atomic_write, CSV_LINE_END, csv_safe, write_json
 
 # -----------------------------------------------------------------------------------------
 # Params: a dataclass per analyzer; ``--param key=value`` strings are checked against it
@@ -342,7 +342,7 @@ def _csv(rows: list[dict]) -> str:
     for row in rows:
         columns += [k for k in row if k not in columns]
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator=CSV_LINE_END)
     writer.writerow([csv_safe(str(c)) for c in columns])
     writer.writerows([csv_safe(row.get(c, "")) for c in columns] for row in rows)
     return out.getvalue()
