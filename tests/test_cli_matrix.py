@@ -162,6 +162,7 @@ def build_workspace(root: Path, good_run: Path) -> dict[str, Path]:
 
     save_file({"weight": torch.zeros(3, 3)}, root / "other.safetensors")
     (root / "text.pt").write_text("not a checkpoint")
+    security_workspace(root, w, info)
     return w
 
 
@@ -270,7 +271,139 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
                                 ("duplicates", "--param", "feature_threshold=2"), ("duplicates", "--param", "chunk=0"),
                                 ("ood", "--param", "temperature=0")]:
         add("report", f"{method} {flag} {value}", "report", w["run"], "--method", method, "-q", flag, value)
+
+    security_rows(w, add)
     return rows
+
+
+# ------------------------------------------------------------------------------ security (issue 15)
+# Hostile runs, data that would exhaust memory, and commands that could delete a user's files.
+# Every row below is one finding of the security review; each must end in one line and exit 2.
+
+
+def security_workspace(root: Path, w: dict[str, Path], info: dict) -> None:
+    import gzip
+    import struct
+
+    good = w["run"]
+
+    def with_model(folder: str, **model) -> None:
+        w[folder] = _run_variant(good, root, folder, lambda p: (p / "run.json").write_text(
+            json.dumps({**info, "model": {**info["model"], **model}})))
+
+    def with_json(name: str, text: str) -> None:
+        w[name] = _run_variant(good, root, name, lambda p: (p / "run.json").write_text(text))
+
+    # The issue's payload: a user factory named by run.json, and variants that pass the schema.
+    with_model("payload_run", name="custom", factory="subprocess:call", in_shape=["sh", "-c", f"id > {root}/pwned"])
+    with_model("factory_run", name="custom", factory="subprocess:call", kwargs={"shell": True})
+    with_model("popen_run", name="custom", factory="subprocess:Popen", kwargs={"shell": True})
+    with_model("huge_shape_run", in_shape=[1, 100000, 100000])
+    with_model("negative_shape_run", in_shape=[1, -8, 8])
+    with_model("float_classes_run", num_classes=1e12)
+    with_model("huge_classes_run", num_classes=10**12)
+    with_model("path_name_run", name="../../etc")
+    with_model("string_hidden_run", hidden="lots")
+    with_model("huge_mlp_run", name="mlp", in_shape=[1, 4096, 4096], hidden=[65536])
+    with_json("nested_run", '{"format_version": 1, "model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with_json("path_data_run", json.dumps({**info, "data": {**info["data"], "name": "../../etc"}}))
+    with_json("negative_seed_run", json.dumps({**info, "train": {**info["train"], "seed": -1}}))
+
+    def nan_weights(p: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(p / "model.safetensors")
+        key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+        state[key].view(-1)[0] = float("nan")
+        save_file(state, p / "model.safetensors")
+
+    w["nan_weights_run"] = _run_variant(good, root, "nan_weights_run", nan_weights)
+    w["explain_file_run"] = _run_variant(
+        good, root, "explain_file_run", lambda p: (shutil.rmtree(p / "explain", ignore_errors=True), (p / "explain").write_text("mine\n")))
+
+    def unfinished_factory(p: Path) -> None:
+        (p / "run.json").unlink()
+        config = json.loads((p / "checkpoint" / "config.json").read_text())
+        config["model"] = {"name": "custom", "factory": "subprocess:call", "kwargs": {"shell": True}}
+        (p / "checkpoint" / "config.json").write_text(json.dumps(config))
+
+    w["unfinished_factory_run"] = _run_variant(good, root, "unfinished_factory_run", unfinished_factory)
+    theirs = root / "thesis"  # a user's folder: --force must not touch it
+    (theirs / "report").mkdir(parents=True)
+    (theirs / "report" / "thesis.tex").write_text("\\documentclass{article}\n")
+    (theirs / "explain").mkdir()
+    (theirs / "explain" / "notes.md").write_text("# notes\n")
+    stray = root / "stray"  # files named like a run's, but no run
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"their weights")
+    (stray / "history.csv").write_text("their,history\n")
+
+    (root / "two_rows.csv").write_text("a,y\n1,0\n2,1\n")
+    (root / "target_inf.csv").write_text("a,y\n" + "".join(f"{i},{'inf' if i == 3 else i % 2}\n" for i in range(12)))
+    (root / "feature_1e400.csv").write_text("a,y\n" + "".join(f"{'1e400' if i == 3 else i},{i % 2}\n" for i in range(12)))
+    for label in "ab":
+        for i in range(6):
+            _png(root / "one_pixel" / label / f"{i}.png", (1, 1), value=40 * i)
+    _npz(root / "labels_1e9.npz", x=np.random.default_rng(0).random((20, 4)), y=np.array([0, 10**9] * 10))
+    (root / "five_bytes.npz").write_bytes(b"hello")
+
+    def idx(folder: Path, train_images: bytes, gz: bool = False) -> None:
+        folder.mkdir()
+        labels = bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(range(10))
+        images = bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 4, 4) + bytes(160)
+        for name, data in [("train-images-idx3-ubyte", train_images), ("train-labels-idx1-ubyte", labels),
+                           ("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)]:
+            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data, 1) if gz else data)
+
+    idx(root / "idx_huge_header", bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536))
+    # A gzip that inflates 160 bytes of images plus 64 MB of zeros: read while streaming, refused early.
+    idx(root / "idx_gzip_bomb", bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 4, 4) + bytes(160 + (64 << 20)), gz=True)
+    if os.geteuid() != 0:  # root writes through any permission bits
+        w["readonly_run"] = _run_variant(good, root, "readonly_run", lambda p: p.chmod(0o555))
+
+
+def security_rows(w: dict[str, Path], add) -> None:
+    r = w["root"]
+    readers = {"explain": ["--method", "saliency"], "attack": ["--method", "fgsm"], "report": ["--method", "calibration"],
+               "audit": ["--only", "saliency"]}
+    for command, extra in readers.items():
+        for name in ("payload_run", "factory_run", "popen_run"):
+            add(command, f"run: {name.replace('_', ' ')} without --trust-code", command, w[name], *extra, "-n", "2", "-q")
+    for name in ("huge_shape_run", "negative_shape_run", "float_classes_run", "huge_classes_run", "path_name_run",
+                 "string_hidden_run", "huge_mlp_run", "nested_run", "path_data_run", "negative_seed_run",
+                 "nan_weights_run", "explain_file_run"):
+        add("explain", f"run: {name.replace('_', ' ')}", "explain", w[name], "-n", "2", "-q")
+    add("info", "run: nested brackets", "info", w["nested_run"])
+    add("info", "run: path as model name", "info", w["path_name_run"])
+    add("audit", "run: explain/ is a file", "audit", w["explain_file_run"], "--only", "saliency", "-n", "2", "-q")
+    if "readonly_run" in w:
+        add("explain", "read-only run", "explain", w["readonly_run"], "-n", "2", "-q")
+        add("audit", "read-only run", "audit", w["readonly_run"], "--only", "saliency", "-n", "2", "-q")
+    add("train", "--resume of a run naming a factory, without --trust-code", "train", "--resume", w["unfinished_factory_run"])
+    add("train", "--force on a folder that is not a run", *TRAIN, "--out", r / "thesis", "--force")
+    add("train", "--out with stray model.safetensors/history.csv", *TRAIN, "--out", r / "stray")
+    base = ["-n", "2", "-q"]
+    for kind, method, param in [("explain", "ig", "steps=100000000"), ("explain", "ig", "steps=1e30"),
+                                ("report", "calibration", "bins=1000000000"), ("attack", "pgd", "step_size=nan"),
+                                ("report", "overfit", "gap=nan"), ("explain", "smoothgrad", "stdev=nan"),
+                                ("explain", "lime", "num_samples=1000000000"), ("report", "bias", "bootstrap=1e400"),
+                                ("explain", "ig", "steps=1180591620717411303424")]:
+        add(kind, f"{method} -p {param}", kind, w["run"], "--method", method, "-p", param, *base)
+    add("attack", "--eps nan", "attack", w["run"], "--eps", "nan", *base)
+    add("attack", "--eps 0.1,nan", "attack", w["run"], "--eps", "0.1,nan", *base)
+    add("attack", "--eps inf", "attack", w["run"], "--eps", "inf", *base)
+    add("explain", "--indices ''", "explain", w["run"], "--indices", "", *base)
+    add("explain", "--indices 2**70", "explain", w["run"], "--indices", str(2**70), *base)
+    add("explain", "--seed 2**70", "explain", w["run"], "--seed", str(2**70), *base)
+    add("train", "--seed 2**70", *TRAIN, "--seed", str(2**70), "--out", r / "new-run")
+    for name, what in [("two_rows.csv", "2-row csv"), ("target_inf.csv", "csv target inf"),
+                       ("feature_1e400.csv", "csv 1e400 feature")]:
+        add("train", what, *TRAIN, "--data", r / name, "--target", "y", "--out", r / "new-run")
+    add("train", "folder of 1×1 images", *TRAIN, "--data", r / "one_pixel", "--out", r / "new-run")
+    add("train", "npz labels up to 1e9", *TRAIN, "--data", r / "labels_1e9.npz", "--out", r / "new-run")
+    add("train", "5-byte non-zip npz", *TRAIN, "--data", r / "five_bytes.npz", "--out", r / "new-run")
+    add("train", "IDX header 65536⁴", *TRAIN, "--data", "mnist", "--data-dir", r / "idx_huge_header", "--out", r / "new-run")
+    add("train", "IDX gzip bomb", *TRAIN, "--data", "mnist", "--data-dir", r / "idx_gzip_bomb", "--out", r / "new-run")
 
 
 # ------------------------------------------------------------------------------ the tests

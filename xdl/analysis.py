@@ -77,6 +77,7 @@ def analyze(
     progress: bool = False,
     evaluate: bool = False,
     other=None,
+    trust_code: bool = False,
 ):
     """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
 
@@ -90,14 +91,21 @@ def analyze(
     randomization check of :mod:`xdl.evaluation` — as ``metrics["evaluation"]``.
     ``other`` is another input set for analyzers that score one (``takes_data``, e.g. ood):
     see :func:`other_data`.
+    ``trust_code=True`` lets a run whose model is a ``package.module:factory`` import it.
     """
     import torch
 
     from xdl.analyzers import Context, analyze as run_analyzer, load_analyzer, parse_params
 
+    from xdl import validate
+    from xdl.run import check_result_target, save_result
+
     cls = load_analyzer(kind, method)
     analyzer = cls()
     parsed = parse_params(cls.Params, params)
+    indices = validate.check_indices(indices)
+    if out is not None:
+        check_result_target(out)
     count = cls.samples if samples == "default" else samples
     world = distributed.join(device)  # under torchrun, a "samples" analyzer's samples are shared out
     dev = distributed.local_device(device, world)
@@ -107,12 +115,14 @@ def analyze(
     if isinstance(source, nn.Module):
         if x is None:
             raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels)")
-        x = torch.as_tensor(x).float()
-        y = None if y is None else torch.as_tensor(y).long()
+        validate.check_model(source)
+        x = validate.as_samples(x)
+        y = None if y is None else validate.as_labels(y, len(x))
         seed = 0 if seed is None else seed
         xs, ys, groups, index = _select(x, y, {}, count, indices, seed)
         with torch.no_grad():
             n_out = source(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
+        validate.check_labels(ys, n_out)
         ctx = Context(
             model=source, x=xs, y=ys, kind="image" if x.dim() == 4 else "tabular",
             class_names=class_names or [str(i) for i in range(n_out)], device=dev,
@@ -123,7 +133,10 @@ def analyze(
         split = "given"  # the caller's own tensors, not a split of a run
         fingerprint = (provenance.model_digest(source), provenance.data_digest(x, y))
     else:
-        run = source if isinstance(source, Run) else Run(source)
+        run = source if isinstance(source, Run) else Run(source, trust_code=trust_code)
+        run.trust_code = run.trust_code or trust_code
+        if save and out is None:
+            run.check_writable(kind)  # a read-only run fails now, not after the work
         data = run.data
         part = data.split(split)
         seed = run.seed if seed is None else seed
@@ -159,9 +172,9 @@ def analyze(
     if other is not None:  # a score on another input set depends on that set too
         result.provenance["other"] = {"name": ctx.other_name, "data": provenance.data_digest(ctx.other.x, ctx.other.y)}
     if out is not None:
-        result.save(out)
+        save_result(result, out)
     elif run is not None and save:
-        result.save(run.result_dir(kind, method, force))
+        save_result(result, run.claim_result_dir(kind, method, force))
     distributed.leave(world)
     return result
 

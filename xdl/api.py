@@ -16,7 +16,8 @@ from xdl.data.types import DataSplits
 from xdl.errors import XdlError
 from xdl.models import build_model, load_user_weights, model_config, set_normalization
 from xdl.analysis import analyze
-from xdl.run import Run, clear_run, new_run_path, save_run
+from xdl.run import Run, check_train_out, clear_run, new_run_path, save_run
+from xdl.trust import require_trust
 from xdl.training import TrainConfig, config_dict, evaluate, fit
 from xdl.device import resolve_device, seed_everything
 
@@ -32,6 +33,7 @@ def train(
     model_options: dict | None = None,
     resume: bool = False,
     init_weights: str | Path | None = None,
+    trust_code: bool = False,
     **train_options,
 ) -> Run | None:
     """Train a model and save it as a run directory.
@@ -46,13 +48,16 @@ def train(
     other ranks return None.
     ``init_weights`` starts from a user's weights (.safetensors, or .pt/.pth read without
     executing code). ``resume=True`` continues the unfinished run at ``out`` from its last
-    epoch checkpoint, with the config saved there (other arguments are ignored).
+    epoch checkpoint, with the config saved there (other arguments are ignored); a saved
+    ``package.module:factory`` model is imported only with ``trust_code=True``.
     """
     log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
     if resume:
         if out is None:
             raise XdlError("resuming needs the run directory: xdl train --resume RUN")
         saved = checkpoint.load_config(Path(out) / checkpoint.FOLDER)
+        if saved["model"].get("name") == "custom":  # a shared run must not run code on --resume
+            require_trust(f"{out} (model factory {saved['model'].get('factory')!r})", trust_code)
         data, model, data_options, model_options = saved["data"], saved["model"], None, None
         cfg = TrainConfig.from_dict(saved["train"])
     else:
@@ -62,14 +67,7 @@ def train(
     if not world.main:  # rank 0 speaks and writes for all
         log, quiet = (lambda line: None), True
     out = distributed.broadcast(Path(out) if out else new_run_path(), world)
-    if out.exists() and not out.is_dir():
-        raise XdlError(f"--out {out} is a file; a run is a directory")
-    if (out / "run.json").exists() and (resume or not force):
-        if resume:
-            raise XdlError(f"{out} has finished training; there is nothing to resume")
-        raise XdlError(f"{out} already holds a run; choose another --out or pass --force to replace it")
-    if not (resume or force) and checkpoint.exists(out / checkpoint.FOLDER):
-        raise XdlError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
+    check_train_out(out, force, resume)
     splits = data if isinstance(data, DataSplits) else load_data(data, **(data_options or {}))
     for note in splits.notes:
         log(f"data: {note}")
@@ -119,9 +117,13 @@ def final_metrics(model: nn.Module, data: DataSplits, device) -> dict:
     return metrics
 
 
-def load(path: str | Path) -> Run:
-    """Open a run: ``run.model`` (eval mode, CPU) and ``run.data`` (its splits) load on first use."""
-    return Run(path)
+def load(path: str | Path, trust_code: bool = False) -> Run:
+    """Open a run: ``run.model`` (eval mode, CPU) and ``run.data`` (its splits) load on first use.
+
+    A run whose model is a user's ``package.module:factory`` builds only with ``trust_code=True``
+    (or XDL_TRUST_CODE=1): loading a downloaded run must not run code from it.
+    """
+    return Run(path, trust_code=trust_code)
 
 
 def explain(source, method: str = "saliency", **options):
@@ -145,7 +147,7 @@ def audit(source: "Run | str | Path", **options):
     >>> page = xdl.audit(run, only=["ig", "pgd", "calibration"])   # doctest: +SKIP
     >>> page.html_path                                             # doctest: +SKIP
 
-    Options (only, skip, samples, recompute, eps, device, progress) are those of
+    Options (only, skip, samples, recompute, eps, device, progress, trust_code) are those of
     :func:`xdl.auditing.audit`; the ``xdl audit`` command calls this.
     """
     from xdl.auditing import audit as run_audit

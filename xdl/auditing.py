@@ -158,17 +158,21 @@ def audit(
     eps: float = DEFAULT_EPS,
     device: str = "auto",
     progress: bool = True,
+    trust_code: bool = False,
 ) -> Audit:
     """Run every applicable analyzer on ``run`` and write RUN/audit.html and RUN/audit.json.
 
     ``only``/``skip`` take method names (``ig``) or kind/method (``explain/ig``);
     ``samples`` caps how many samples any analyzer gets; ``recompute`` ignores saved
     results. An analyzer that fails becomes a failed section, not a failed audit.
+    ``trust_code=True`` lets a run whose model is a ``package.module:factory`` import it.
     """
     from xdl.device import resolve_device
 
     started = time.perf_counter()
-    run = run if isinstance(run, Run) else Run(run)
+    run = run if isinstance(run, Run) else Run(run, trust_code=trust_code)
+    run.trust_code = run.trust_code or trust_code
+    run.check_writable()  # audit.html goes into the run: a read-only one fails now, not at the end
     if samples is not None and samples <= 0:
         raise XdlError(f"--samples must be > 0, got {samples}")
     if not eps > 0:

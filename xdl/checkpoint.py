@@ -47,7 +47,9 @@ def load_config(folder: Path) -> dict:
     missing = [k for k in ("model", "data", "train") if not isinstance(config.get(k), dict)]
     if missing:
         raise XdlError(f"{folder / CONFIG} lacks the {missing[0]!r} section: the checkpoint is damaged")
-    return config
+    from xdl.schema import check_run_info
+
+    return check_run_info(str(folder / CONFIG), config, built=False)
 
 
 def save(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import random
 
 import numpy as np
@@ -30,6 +31,12 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, numpy and torch; return a CPU generator for shuffling."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise XdlError(f"seed must be an integer, not {type(seed).__name__}") from None
+    if not -(2**63) <= seed < 2**64:  # numpy and torch overflow beyond 64 bits
+        raise XdlError("seed must fit in 64 bits")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

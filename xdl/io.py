@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +35,21 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    """Strict JSON: NaN and infinities (which json writes as bare NaN/Infinity, not JSON) become null."""
+    atomic_write(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` as plain JSON values, with every non-finite float replaced by None."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    return strict_json(_jsonable(obj))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -46,12 +61,42 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+# run.json and result.json are kilobytes; a file far beyond this is not one of them.
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json(path: str | Path) -> Any:
     from xdl.errors import XdlError
 
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise XdlError(f"{path} is {path.stat().st_size >> 20} MB; xdl's JSON files are far smaller, so it is not one")
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise XdlError(f"file not found: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XdlError(f"{path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise XdlError(f"{path} nests its brackets too deeply to be an xdl file") from None
+    except OSError as exc:
+        raise XdlError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+# RFC 4180's line end; with it the csv module also quotes a cell holding a bare "\r",
+# which a "\n" terminator would let split the row in two.
+CSV_LINE_END = "\r\n"
+# Cells a spreadsheet would run as a formula (OWASP, "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell that opens as text, not a formula: text starting with = + - @ tab or CR gets a leading '.
+
+    Numbers are written as they are (a negative number is not text); lists and dicts go in as JSON.
+    """
+    if isinstance(value, (list, dict)):
+        value = json.dumps(strict_json(value))
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value

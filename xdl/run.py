@@ -11,8 +11,11 @@ Every file is written atomically, ``run.json`` last: a directory without it is n
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
+import os
 import platform
 import shutil
 from functools import cached_property
@@ -23,7 +26,9 @@ from torch import nn
 
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
-from xdl.io import atomic_path, atomic_write, read_json, write_json
+from xdl.io import atomic_path, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
+from xdl.schema import check_run_info
+from xdl.trust import require_trust
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -57,6 +62,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise XdlError(f"cannot read weights {path}: {exc}") from None
+    check_finite_weights(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -64,27 +70,44 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise XdlError(f"weights in {path} do not fit the model in run.json: {first[-1].strip()}") from None
 
 
+def check_finite_weights(state: dict, path: str | Path) -> None:
+    """NaN or infinite weights make every later number meaningless: refuse them, naming the tensor."""
+    import torch
+
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise XdlError(f"{path} holds non-finite weights (NaN or inf) in {name!r}; the model cannot be used")
+
+
 def write_history(path: Path, history: list[dict]) -> None:
     columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
     columns += sorted({k for row in history for k in row} - set(columns))
     out = io.StringIO()
-    writer = csv.DictWriter(out, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
+    writer = csv.writer(out, lineterminator=CSV_LINE_END)
+    writer.writerow(csv_safe(c) for c in columns)
+    writer.writerows([csv_safe(row.get(c, "")) for c in columns] for row in history)
     atomic_write(path, out.getvalue())
 
 
 class Run:
-    """A trained model's directory. ``model`` and ``data`` are rebuilt from run.json on first use."""
+    """A trained model's directory. ``model`` and ``data`` are rebuilt from run.json on first use.
 
-    def __init__(self, path: str | Path):
+    ``run.json`` is checked against :mod:`xdl.schema` here, before anything is built from it.
+    A run whose model is a user's ``package.module:factory`` builds only with ``trust_code``
+    (or XDL_TRUST_CODE=1): a shared run directory must not run code on load.
+    """
+
+    def __init__(self, path: str | Path, trust_code: bool = False):
+        if not isinstance(path, (str, os.PathLike)):
+            raise XdlError(f"expected a run directory (a path) or an nn.Module, got {type(path).__name__}")
         self.path = Path(path)
+        self.trust_code = trust_code
         info_path = self.path / "run.json"
         if not info_path.is_file():
             raise XdlError(f"{self.path} is not an xdl run (no run.json); train one with `xdl train --out {self.path}`")
         self.info: dict = read_json(info_path)
         version = self.info.get("format_version") if isinstance(self.info, dict) else None
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise XdlError(f"{info_path} has no format_version: not an xdl run")
         if version > FORMAT_VERSION:
             raise XdlError(
@@ -94,6 +117,7 @@ class Run:
         missing = [k for k in ("model", "data", "train") if not isinstance(self.info.get(k), dict)]
         if missing:
             raise XdlError(f"{info_path} has no {missing[0]!r} section: the run is incomplete or damaged")
+        check_run_info(str(info_path), self.info)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -116,6 +140,8 @@ class Run:
         from xdl.models import build_model
 
         cfg = self.info["model"]
+        if cfg["name"] == "custom":
+            require_trust(f"{self.path / 'run.json'} (model factory {cfg['factory']!r})", self.trust_code)
         model = build_model(cfg, tuple(cfg["in_shape"]), cfg["num_classes"])
         load_weights(model, self.path / WEIGHTS)
         return model.eval()
@@ -136,7 +162,7 @@ class Run:
         return [{k: _number(v) for k, v in row.items()} for row in rows]
 
     def result_dir(self, kind: str, method: str, force: bool = False) -> Path:
-        """Where a new result goes: METHOD/, or METHOD-2/, -3/ … unless ``force`` replaces it."""
+        """Where a new result would go: METHOD/, or METHOD-2/, -3/ … unless ``force`` replaces it."""
         base = self.path / kind / method
         if force or not base.exists():
             return base
@@ -144,6 +170,41 @@ class Run:
         while (self.path / kind / f"{method}-{n}").exists():
             n += 1
         return self.path / kind / f"{method}-{n}"
+
+    def claim_result_dir(self, kind: str, method: str, force: bool = False) -> Path:
+        """Claim a new result folder with ``mkdir``, which only one process can win.
+
+        Checking for a free name and then writing it lets two concurrent analyses pick the
+        same METHOD/; mkdir is atomic, so the loser moves on to METHOD-2/. ``force`` returns
+        METHOD/ itself, for the result to replace.
+        """
+        self.check_writable(kind)
+        folder = self.path / kind
+        try:
+            folder.mkdir(exist_ok=True)
+            if force:
+                return folder / method
+            n = 1
+            while True:
+                target = folder / (method if n == 1 else f"{method}-{n}")
+                try:
+                    target.mkdir()
+                    return target
+                except FileExistsError:
+                    n += 1
+        except OSError as exc:
+            raise write_error(exc, folder) from None
+
+    def check_writable(self, kind: str | None = None) -> None:
+        """Refuse before any work when results could not be saved in the run."""
+        for name in [kind] if kind else RESULT_KINDS:
+            folder = self.path / name
+            if folder.exists() and not folder.is_dir():
+                raise XdlError(f"{folder} is a file, so results cannot be saved there; move it out of the run")
+        folder = self.path / kind if kind else self.path
+        probe = folder if folder.is_dir() else self.path
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise XdlError(f"{probe} is read-only, so results cannot be saved; copy the run somewhere writable")
 
     def results(self, kind: str | None = None) -> dict[str, Path]:
         """Saved results as {"kind/name": folder}, newest name for each method last."""
@@ -201,19 +262,76 @@ def new_run_path(root: str | Path = "runs", prefix: str = "run") -> Path:
     return root / f"{prefix}-{n:03d}"
 
 
+# Everything xdl writes at the top of a run directory; nothing else there is xdl's to replace.
+RUN_FILES = ("run.json", WEIGHTS, "history.csv", "audit.html", "audit.json")
+
+
+def check_train_out(out: Path, force: bool, resume: bool) -> None:
+    """Refuse a --out that would lose something: a user's files, a finished run, an unfinished one."""
+    from xdl import checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise XdlError(f"--out {out} is a file; a run is a directory")
+    is_run = (out / "run.json").exists()
+    unfinished = checkpoint.exists(out / checkpoint.FOLDER)
+    if is_run and (resume or not force):
+        if resume:
+            raise XdlError(f"{out} has finished training; there is nothing to resume")
+        raise XdlError(f"{out} already holds a run; choose another --out or pass --force to replace it")
+    if resume:
+        return
+    if not force and unfinished:
+        raise XdlError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
+    ours = [name for name in (*RUN_FILES, checkpoint.FOLDER, *RESULT_KINDS) if (out / name).exists()]
+    if not force and ours:
+        raise XdlError(f"--out {out} already holds {ours[0]} (not from an xdl run); choose another --out")
+    if force and not (is_run or unfinished) and out.is_dir() and any(out.iterdir()):
+        raise XdlError(f"--out {out} is not an xdl run (no run.json), so --force will not replace what is in it")
+
+
 def clear_run(path: Path) -> None:
-    """Remove the files of an earlier run at ``path`` (``--force``), keeping nothing stale."""
-    for child in ("run.json", WEIGHTS, "history.csv", "audit.html", "audit.json", *RESULT_KINDS):
-        target = path / child
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    """Remove what xdl wrote for an earlier run at ``path`` (``--force``); a user's own files stay."""
+    for child in RUN_FILES:
+        if (path / child).is_file():
+            (path / child).unlink()
+    for kind in RESULT_KINDS:
+        folder = path / kind
+        if not folder.is_dir():
+            continue
+        for result in folder.iterdir():
+            if result.is_dir() and not result.is_symlink() and (result / "result.json").is_file():
+                shutil.rmtree(result)
+        with contextlib.suppress(OSError):  # still holds a user's file: keep it
+            folder.rmdir()
 
 
-def load(path: str | Path) -> Run:
+def check_result_target(path: str | Path) -> Path:
+    """``out=`` for a result: a new or empty folder, or an earlier xdl result (which it replaces)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise XdlError(f"out={path} is a file; a result is written to a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / "result.json").is_file():
+        raise XdlError(f"out={path} holds files that are not an xdl result; choose a new or empty folder")
+    return path
+
+
+def write_error(exc: OSError, where: Path) -> XdlError:
+    """An OSError from saving, as the one line the user can act on."""
+    reason = exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return XdlError(f"cannot write in {exc.filename or where}: {reason}")
+
+
+def save_result(result, folder: str | Path) -> Path:
+    """``result.save(folder)`` with a full disk or a read-only folder as an XdlError."""
+    try:
+        return result.save(folder)
+    except OSError as exc:
+        raise write_error(exc, Path(folder)) from None
+
+
+def load(path: str | Path, trust_code: bool = False) -> Run:
     """Open a run directory (the model loads lazily, in eval mode)."""
-    return Run(path)
+    return Run(path, trust_code=trust_code)
 
 
 def model_summary(model: nn.Module) -> dict:

@@ -28,6 +28,7 @@ from torch import nn
 
 from xdl.analyzers.base import Analyzer, Context, Result
 from xdl.errors import XdlError
+from xdl.limits import at_most
 from xdl.plotting import image_grid
 
 # Units are "dead" only where the nonlinearity zeroes negatives; a Tanh unit is never dead.
@@ -47,6 +48,7 @@ class Params:
             raise ValueError(f"channels must be > 0, got {self.channels}")
         if not 0 <= self.dead_warning <= 1:
             raise ValueError(f"dead_warning must be in [0, 1], got {self.dead_warning}")
+        at_most("channels", self.channels, 1024)
 
 
 def watched(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:

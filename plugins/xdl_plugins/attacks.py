@@ -21,6 +21,7 @@ import torch
 from xdl import robust
 from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
 from xdl.errors import XdlError
+from xdl.limits import at_most
 
 GRID_SAMPLES = 8
 ROW_KEYS = ("eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "mean_confidence_drop")  # _measure's
@@ -36,6 +37,8 @@ class FgsmParams:
             raise ValueError("eps needs at least one value")
         if min(values) < 0:
             raise ValueError(f"eps must be ≥ 0, got {min(values):g}")
+        at_most("the number of eps values", len(values), 100)
+        at_most("eps", max(values), 1e6)
 
     @property
     def sweep(self) -> list[float]:

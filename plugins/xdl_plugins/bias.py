@@ -23,6 +23,7 @@ import torch
 from xdl.analyzers import Analyzer, Context, Result
 from xdl.analyzers.base import Finding, is_number
 from xdl.errors import XdlError
+from xdl.limits import at_most
 
 FOUR_FIFTHS = 0.8  # EEOC's four-fifths rule: a selection-rate ratio below it indicates adverse impact
 SMALL_GROUP = 10  # rates from fewer rows than this swing by ≥ 10 points on one prediction
@@ -42,6 +43,8 @@ class BiasParams:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.segments < 2:
             raise ValueError(f"segments must be ≥ 2, got {self.segments}")
+        at_most("bootstrap", self.bootstrap, 10_000)
+        at_most("segments", self.segments, 1_000)
 
 
 MIN_SAMPLES = 4  # fewer rows give no quantile segments and no bootstrap

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from xdl.analyzers import Analyzer, Context, Result
 from xdl.analyzers.base import Finding, is_number
 from xdl.errors import XdlError
+from xdl.limits import at_most
 
 
 @dataclass
@@ -29,6 +30,7 @@ class CalibrationParams:
     def __post_init__(self) -> None:
         if self.bins < 2:
             raise ValueError(f"bins must be ≥ 2, got {self.bins}")
+        at_most("bins", self.bins, 10_000)
 
 
 class Calibration(Analyzer):

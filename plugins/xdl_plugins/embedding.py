@@ -22,6 +22,7 @@ from torch import nn
 
 from xdl.analyzers.base import Analyzer, Context, Result
 from xdl.errors import XdlError
+from xdl.limits import at_most
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,6 +41,8 @@ class Params:
             raise ValueError(f"tsne_points must be ≥ 2, got {self.tsne_points}")
         if self.perplexity <= 0:
             raise ValueError(f"perplexity must be > 0, got {self.perplexity}")
+        at_most("tsne_points", self.tsne_points, 100_000)
+        at_most("perplexity", self.perplexity, 10_000)
 
 
 class Embedding(Analyzer):

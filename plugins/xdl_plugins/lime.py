@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
+from xdl.limits import at_most
 from xdl_plugins.shap import POINTS_PER_BATCH, require_classifier
 
 # lime's own defaults: LimeImageExplainer and LimeTabularExplainer.explain_instance.
@@ -44,6 +45,9 @@ class LimeParams:
             raise ValueError(f"num_samples must be >= 10 for a meaningful local fit, got {self.num_samples}")
         if self.top < 1 or self.n_segments < 1:
             raise ValueError("top and n_segments must be >= 1")
+        at_most("num_samples", self.num_samples, 100_000)
+        at_most("n_segments", self.n_segments, 1_000)
+        at_most("top", self.top, 1_000)
 
 
 class Lime(Analyzer):

@@ -23,6 +23,7 @@ from torch import nn
 
 from xdl.analyzers.base import Analyzer, Context, Result
 from xdl.errors import XdlError
+from xdl.limits import at_most, require_memory
 from xdl.models import last_conv
 
 # Methods that multiply the batch (IG steps, SmoothGrad noise draws, occlusion windows) run
@@ -167,6 +168,7 @@ class IGParams:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        at_most("steps", self.steps, 10_000)
 
 
 class IntegratedGradients(Attribution):
@@ -184,6 +186,10 @@ class IntegratedGradients(Attribution):
     def attribute(self, ctx, x, target, params):
         from captum.attr import IntegratedGradients as CaptumIG
 
+        rows = min(params.steps * len(x), forward_budget(ctx, len(x)))
+        # Inputs, gradients and the path points of one internal batch, before any layer's activations.
+        require_memory(4 * 3 * rows * x[0].numel(), f"ig with steps={params.steps} on {len(x)} samples",
+                       "lower steps or --batch-size")
         return CaptumIG(ctx.model).attribute(
             x, baselines=baseline(ctx, x, params.baseline), target=target, n_steps=params.steps,
             internal_batch_size=forward_budget(ctx, len(x)), return_convergence_delta=True,
@@ -201,6 +207,7 @@ class SmoothGradParams:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.stdev < 0:
             raise ValueError(f"stdev must be >= 0, got {self.stdev}")
+        at_most("samples", self.samples, 10_000)
 
 
 class SmoothGrad(Attribution):
@@ -283,6 +290,8 @@ class OcclusionParams:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
+        at_most("window", self.window, 4096)
+        at_most("stride", self.stride, 4096)
 
 
 class Occlusion(Attribution):

@@ -21,6 +21,7 @@ import torch
 
 from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
 from xdl.errors import XdlError
+from xdl.limits import at_most
 
 # Points per gradient batch, as a multiple of --batch-size: large enough to keep a device
 # busy, small enough that a small CNN's activations for MNIST-sized inputs fit in memory.
@@ -40,6 +41,9 @@ class ShapParams:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        at_most("background", self.background, 100_000)
+        at_most("clusters", self.clusters, 10_000)
+        at_most("nsamples", self.nsamples, 1_000_000)
 
 
 def require_classifier(ctx: Context) -> int:

@@ -26,6 +26,7 @@ from torch import nn
 from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number, parse_params
 from xdl.analyzers.registry import load_analyzer
 from xdl.errors import XdlError
+from xdl.limits import at_most
 from xdl.evaluation import (
     RANDOM_ORDERS, SANITY_THRESHOLD, STEPS, cascading_randomization, evaluation_figure, explainer, faithfulness, fill_value,
     map_similarity, mean_or_none, passes_sanity, spearman,
@@ -53,6 +54,8 @@ class TrustParams:
             raise ValueError("methods needs at least two different explain methods to compare")
         if self.steps < 1 or self.orders < 1:
             raise ValueError(f"steps and orders must be >= 1, got {self.steps} and {self.orders}")
+        at_most("steps", self.steps, 10_000)
+        at_most("orders", self.orders, 1_000)
 
 
 class Trust(Analyzer):

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import io
-import json
+import math
 import types
 import typing
 from collections.abc import Iterator
@@ -25,7 +25,7 @@ from torch import nn
 
 from xdl.data.types import DataSplits, Encoding, Split
 from xdl.errors import XdlError
-from xdl.io import atomic_write, write_json
+from xdl.io import atomic_write, CSV_LINE_END, csv_safe, write_json
 
 # -----------------------------------------------------------------------------------------
 # Params: a dataclass per analyzer; ``--param key=value`` strings are checked against it
@@ -51,6 +51,8 @@ def parse_params(params_cls: type, values: dict[str, Any] | list[str] | None) ->
                 raise XdlError(f"--param expects key=value, got {item!r}")
             pairs[key.strip().replace("-", "_")] = value.strip()
         values = pairs
+    if values is not None and not isinstance(values, dict):
+        raise XdlError(f"params must be a dict or a list of 'key=value' strings, not {type(values).__name__}")
     values = dict(values or {})
     hints = typing.get_type_hints(params_cls)
     known = {f.name: f for f in dataclasses.fields(params_cls)}
@@ -59,10 +61,25 @@ def parse_params(params_cls: type, values: dict[str, Any] | list[str] | None) ->
         valid = ", ".join(known) or "none"
         raise XdlError(f"unknown parameter {unknown[0]!r} for this method; valid parameters: {valid}")
     converted = {k: _convert(k, v, hints[k]) for k, v in values.items()}
+    for key, value in converted.items():
+        _check_number(key, value)
     try:
         return params_cls(**converted)
     except (TypeError, ValueError) as exc:
         raise XdlError(f"invalid parameters: {exc}") from None
+
+
+# No size-like parameter needs more; anything beyond is a typo or an attack on memory.
+MAX_INT_PARAM = 10**9
+
+
+def _check_number(key: str, value: Any) -> None:
+    """NaN slips through every bound check a Params class writes, so refuse it once for all."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise XdlError(f"parameter {key}={item} is not a finite number")
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT_PARAM:
+            raise XdlError(f"parameter {key}={item if abs(item) < 10**30 else 'huge'} is out of range (at most {MAX_INT_PARAM:,})")
 
 
 def _convert(key: str, value: Any, hint: Any) -> Any:
@@ -279,7 +296,11 @@ class Result:
         os.chmod(folder, 0o755)  # mkdtemp's private 0700 would hide results from other users
         try:
             self._write(folder)
-            if target.exists():
+            if target.is_dir() and not any(target.iterdir()):
+                # A claimed, empty folder (Run.claim_result_dir): renaming onto it is atomic, and
+                # it never stops existing, so no concurrent claim can take its name meanwhile.
+                os.replace(folder, target)
+            elif target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
                 os.replace(target, old / "result")
                 os.replace(folder, target)
@@ -345,20 +366,17 @@ class Result:
 
 
 def _csv(rows: list[dict]) -> str:
+    """CSV text whose every cell, header included, is neutralized against formula injection."""
     import csv
 
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
     out = io.StringIO()
-    writer = csv.DictWriter(out, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+    writer = csv.writer(out, lineterminator=CSV_LINE_END)
+    writer.writerow([csv_safe(str(c)) for c in columns])
+    writer.writerows([csv_safe(row.get(c, "")) for c in columns] for row in rows)
     return out.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 # -----------------------------------------------------------------------------------------

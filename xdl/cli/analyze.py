@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from xdl.cli.options import csv_indices, seed_type, trust_code_param
+
 DEFAULT_METHOD = {"explain": "saliency", "attack": "fgsm", "report": "bias"}
 # Kind-specific flags that are shortcuts for --param NAME=VALUE.
 SHORTCUTS = {
@@ -35,15 +37,6 @@ def _target(value: str) -> str | int:
         raise click.BadParameter(f"expected predicted, true or a class index, got {value!r}") from None
 
 
-def _indices(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-
-
 class MethodHelp(click.Command):
     """Fills the --method help from the registry only when help is shown."""
 
@@ -59,15 +52,15 @@ class MethodHelp(click.Command):
 
 def make_command(kind: str) -> click.Command:
     def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet,
-                evaluate=False, data=None, **shortcuts):
+                trust_code, evaluate=False, data=None, **shortcuts):
         from xdl.api import analyze
 
         params = list(param)
         params += [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
         result = analyze(
             kind, run, method, samples="default" if samples is None else samples, split=split,
-            indices=_indices(indices), target=_target(target), params=params, device=device, seed=seed,
-            batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate,
+            indices=indices, target=_target(target), params=params, device=device, seed=seed,
+            batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate, trust_code=trust_code,
             **({"other": data} if data is not None else {}),
         )
         if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
@@ -83,14 +76,15 @@ def make_command(kind: str) -> click.Command:
         click.Option(["--method", "-m"], default=DEFAULT_METHOD[kind], show_default=True),
         click.Option(["--samples", "-n"], type=int, help="how many samples of the split (default: the method's)"),
         click.Option(["--split"], type=click.Choice(["train", "val", "test"]), default="test", show_default=True),
-        click.Option(["--indices"], help="comma-separated sample indices within the split"),
+        click.Option(["--indices"], callback=csv_indices, help="comma-separated sample indices within the split"),
         click.Option(["--target"], default="predicted", show_default=True, help="predicted | true | CLASS_INDEX"),
         click.Option(["--param", "-p"], multiple=True, help="method parameter KEY=VALUE (repeatable)"),
         click.Option(["--device"], default="auto", show_default=True, help="auto | cpu | cuda | mps"),
-        click.Option(["--seed"], type=int, help="default: the run's training seed"),
+        click.Option(["--seed"], type=seed_type, help="default: the run's training seed"),
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=256, show_default=True),
         click.Option(["--force"], is_flag=True, help="replace an earlier result of this method instead of adding METHOD-2"),
         click.Option(["--quiet", "-q"], is_flag=True),
+        trust_code_param(),
         *SHORTCUTS[kind],
         *FLAGS[kind],
     ]

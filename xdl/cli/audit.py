@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from xdl.cli.options import csv_strs
+from xdl.cli.options import csv_strs, trust_code_option
 
 
 @click.command("audit")
@@ -17,12 +17,13 @@ from xdl.cli.options import csv_strs
               help="PGD's eps, at which the summary quotes robust accuracy (input units; images are in [0, 1])")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
-def command(run, only, skip, samples, recompute, eps, device, quiet) -> None:
+@trust_code_option
+def command(run, only, skip, samples, recompute, eps, device, quiet, trust_code) -> None:
     """Run every analyzer that applies to RUN and write RUN/audit.html and RUN/audit.json."""
     from xdl.api import audit
 
     result = audit(run, only=only, skip=skip, samples=samples, recompute=recompute, eps=eps, device=device,
-                   progress=not quiet)
+                   progress=not quiet, trust_code=trust_code)
     for section in result.failed:
         click.echo(f"warning: {section.key} failed: {section.error}", err=True)
     done = len(result.sections) - len(result.failed)

@@ -21,12 +21,16 @@ def command(run: str, as_json: bool) -> None:
         return
     info = r.info
     click.echo(f"run        {r.path}")
-    click.echo(f"data       {info['data'].get('name')}  {info['dataset']['sizes']}")
+    click.echo(f"data       {info['data'].get('name')}  {(info.get('dataset') or {}).get('sizes', '')}")
     click.echo(f"model      {json.dumps({k: v for k, v in info['model'].items()})}")
     click.echo(f"training   {json.dumps(info['train'])}")
     for key, value in info.get("metrics", {}).items():
         click.echo(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")
     card = info.get("compute")
+    try:
+        lines = format_card(card) if card else []
+    except (KeyError, TypeError, ValueError):  # an edited or foreign run.json: show the rest anyway
+        lines = ["(the card in run.json is malformed)"]
     click.echo("compute card" if card else "compute card: not recorded (run trained before xdl kept one)")
-    for line in format_card(card) if card else []:
+    for line in lines:
         click.echo(f"  {line}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from xdl.cli.options import csv_ints, csv_strs
+from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 
 
 @click.command("train")
@@ -39,14 +39,15 @@ from xdl.cli.options import csv_ints, csv_strs
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="mixed precision on CUDA")
 @click.option("--compile", is_flag=True, help="torch.compile the model for training (GPU; the first epoch is slower)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=seed_type, default=0, show_default=True)
 @click.option("--out", type=click.Path(), help="run directory (default: a new runs/run-NNN)")
 @click.option("--force", is_flag=True, help="replace an existing run at --out")
 @click.option("--resume", type=click.Path(file_okay=False), help="continue the unfinished run RUN from its last epoch checkpoint (its saved config is used)")
 @click.option("--init-weights", type=click.Path(dir_okay=False), help="start from these weights (.safetensors, .pt or .pth; never executes code)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or per-epoch lines")
+@trust_code_option
 def command(data, data_dir, target, sensitive, limit, model, hidden, channels, activation, dropout,
-            batch_norm, out, force, resume, init_weights, quiet, **train_options) -> None:
+            batch_norm, out, force, resume, init_weights, quiet, trust_code, **train_options) -> None:
     """Train a model and save it as a run directory (weights, run.json, history.csv)."""
     from xdl.api import train
 
@@ -57,7 +58,8 @@ def command(data, data_dir, target, sensitive, limit, model, hidden, channels, a
     if resume and out and out != resume:
         raise click.BadParameter("--resume RUN continues RUN in place; leave out --out", param_hint="--resume")
     run = train(data, model, resume or out, force=force, quiet=quiet, data_options=data_options,
-                model_options=model_options, resume=bool(resume), init_weights=init_weights, **train_options)
+                model_options=model_options, resume=bool(resume), init_weights=init_weights, trust_code=trust_code,
+                **train_options)
     if run is None:  # a torchrun rank other than 0: rank 0 wrote the run and says where
         return
     click.echo(f"run saved to {run.path}  (test accuracy {run.metrics['test_accuracy']:.4f})")

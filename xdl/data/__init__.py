@@ -117,12 +117,20 @@ def random_splits(
     n = len(y)
     index = np.arange(n)
     source = index if source is None else np.asarray(source)
+    # Each split needs rows: test and validation take their fractions (at least one row each),
+    # and training keeps at least two.
+    needed = 2 + 1 + (test is None)
+    if n < needed or (test is None and round(n * spec["test_fraction"]) >= n - 2):
+        raise XdlError(f"the data has {n} rows; xdl needs at least {needed} to split into train, validation and test")
 
     def cut(idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         try:
             return train_test_split(idx, test_size=fraction, random_state=seed, stratify=y[idx])
         except ValueError:
-            return train_test_split(idx, test_size=fraction, random_state=seed)
+            try:
+                return train_test_split(idx, test_size=fraction, random_state=seed)
+            except ValueError as exc:
+                raise XdlError(f"cannot split {len(idx)} rows: {str(exc).split('.')[0]}") from None
 
     if test is None:
         rest, test_idx = cut(index, spec["test_fraction"], spec["seed"])

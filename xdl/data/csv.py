@@ -45,6 +45,11 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     if len(frame) == 0:
         raise XdlError(f"{path} has a header but no data rows")
     frame.columns = [str(c) for c in frame.columns]
+    for name in frame.columns:
+        # 1e400 parses as inf: it would train "successfully" into NaN weights.
+        count = int(np.isinf(frame[name].to_numpy(dtype=np.float64)).sum()) if _is_numeric(frame[name]) else 0
+        if count:
+            raise XdlError(f"{path}: column {name!r} holds {count} infinite values (inf, or numbers beyond 1e308); fix or remove them")
     return frame
 
 

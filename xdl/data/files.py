@@ -15,6 +15,9 @@ from xdl.errors import XdlError
 __all__ = ["IMAGE_SUFFIXES", "limit_index", "load_folder", "load_npz"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+# Labels index the model's output layer: a stray 10**9 must not size a billion-class model.
+MAX_CLASSES = 1000
+MIN_SIDE = 2  # a 1×1 "image" has no spatial structure to explain or to convolve
 
 
 def limit_index(n: int, spec: dict) -> np.ndarray | None:
@@ -48,6 +51,8 @@ def _image_array(x: np.ndarray, what: str, path: Path, notes: list[str]) -> np.n
             )
     else:
         raise XdlError(f"{path}: {what!r} has shape {x.shape}; expected N×F, N×H×W, N×H×W×C or N×C×H×W")
+    if min(x.shape[2:]) < MIN_SIDE:
+        raise XdlError(f"{path}: {what!r} holds {x.shape[2]}×{x.shape[3]} images; images need at least {MIN_SIDE}×{MIN_SIDE} pixels")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
     if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number):
@@ -82,12 +87,25 @@ def _label_array(y: np.ndarray, what: str, path: Path, n: int) -> np.ndarray:
         raise XdlError(f"{path}: {what!r} has dtype {y.dtype}; labels must be integers 0, 1, 2, …")
     if len(y) and y.min() < 0:
         raise XdlError(f"{path}: {what!r} has negative labels; labels must be integers 0, 1, 2, …")
+    if len(y) and y.max() >= MAX_CLASSES:
+        raise XdlError(f"{path}: {what!r} has label {int(y.max())}; xdl supports at most {MAX_CLASSES} classes (labels 0..{MAX_CLASSES - 1})")
     return y.astype(np.int64)
 
 
 def load_npz(spec: dict) -> DataSplits:
     """An ``.npz`` with ``x`` and ``y`` (optional ``x_test``/``y_test``, ``class_names``)."""
     path = Path(spec["path"])
+    if path.is_file() and not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+        size = path.stat().st_size
+        what = (
+            "a single .npy array" if head == b"\x93NUMPY"
+            else "a Python pickle (xdl never unpickles)" if head[:1] == b"\x80"
+            else "empty" if not size
+            else f"{size} bytes that are not a zip archive"
+        )
+        raise XdlError(f"cannot read {path} as an .npz file: it is {what}; save x and y with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -221,6 +239,9 @@ def load_folder(spec: dict) -> DataSplits:
                 "all images must have the same size (resize them first)"
             )
         arrays.append(array)
+    if min(arrays[0].shape[:2]) < MIN_SIDE:
+        h, w = arrays[0].shape[:2]
+        raise XdlError(f"the images in {root} are {h}×{w} pixels; images need at least {MIN_SIDE}×{MIN_SIDE}")
     if all(a.ndim == 2 for a in arrays):
         x = np.stack(arrays)[:, None, :, :]
     else:

@@ -10,6 +10,7 @@ stratified part of the training files.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -21,6 +22,7 @@ from xdl.data.download import cache_dir, fetch
 from xdl.data.files import limit_index
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
+from xdl.limits import require_memory
 
 __all__ = ["IDX_FILES", "load_fashion_mnist", "load_mnist", "read_idx"]
 
@@ -58,34 +60,38 @@ _TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw) into a native-endian array, validating its header and size."""
+    """Read one IDX file (``.gz`` or raw) into a native-endian array, validating its header and size.
+
+    The header is read first and sizes the read: a gzip bomb or a header promising 65536⁴
+    values is refused before its body is decompressed or allocated.
+    """
     path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                data = handle.read()
-        else:
-            data = path.read_bytes()
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+                raise XdlError(f"{path} is not an IDX file (bad magic number {head.hex() or 'empty file'})")
+            dtype, ndim = _IDX_DTYPES[head[2]], head[3]
+            raw_dims = handle.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise XdlError(f"{path} is truncated: its header is cut off after {4 + len(raw_dims)} bytes")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            count = math.prod(dims)  # Python ints: 65536⁴ must not wrap around to 0
+            expected = count * dtype.itemsize
+            require_memory(expected, f"{path} (its header promises {'×'.join(map(str, dims))} values)")
+            # One byte beyond the promise tells a malformed file without reading the rest of it.
+            data = handle.read(expected + 1)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise XdlError(f"{path} is a truncated or corrupt gzip file ({exc})") from None
     except OSError as exc:
         raise XdlError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES or data[3] == 0:
-        raise XdlError(f"{path} is not an IDX file (bad magic number {data[:4].hex() or 'empty file'})")
-    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise XdlError(f"{path} is truncated: its header is cut off after {len(data)} bytes")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    count = int(np.prod(dims, dtype=np.int64))
-    expected = count * dtype.itemsize
-    body = len(data) - header
+    body = len(data)
     if body < expected:
         shape = "×".join(map(str, dims))
         raise XdlError(f"{path} is truncated: its header promises {shape} values ({expected} bytes) but only {body} bytes follow")
     if body > expected:
-        raise XdlError(f"{path} is malformed: {body - expected} unexpected bytes follow the {expected} bytes its header promises")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
+        raise XdlError(f"{path} is malformed: unexpected bytes follow the {expected} bytes its header promises")
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(dims)
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
