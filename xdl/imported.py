@@ -65,9 +65,10 @@ def class_scores(out: Any) -> torch.Tensor:
         else:
             raise XdlError(f"the model returned {type(seen).__name__}, not class scores (a tensor, tuple, dict or ModelOutput)")
     if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
+        per = f"{out.shape[1]} output{'s' if out.shape[1] != 1 else ''} per input" if out.dim() == 2 else f"{out.dim()}-D"
         raise XdlError(
-            f"the model's output has shape {list(out.shape)} ({out.dtype}), not class scores: "
-            "xdl needs one row of at least two scores per input (N×classes)"
+            f"the model's output has shape {list(out.shape)} ({per}, {out.dtype}), not class scores: "
+            "xdl needs one row of at least two float scores per input (N×classes)"
         )
     return out
 
@@ -608,3 +609,16 @@ def load_model(run, trust_code: bool | None = None) -> nn.Module:
                        log_probs=bool(cfg.get("log_probs")), fixed_batch=cfg.get("fixed_batch"), frozen_mode=fmt == "pt2")
     load_weights(wrapped if fmt == "factory" else _BuffersOnly(wrapped), run.path / WEIGHTS)
     return wrapped.eval()
+
+
+def live_samples(data: Any, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """Samples for a live model: (x, y, DataSplits) from a spec, (x, y, None) from tensors or a Dataset."""
+    from xdl.data import load_data
+    from xdl.data.types import DataSplits
+
+    if isinstance(data, (str, dict, Path, DataSplits)):
+        splits = data if isinstance(data, DataSplits) else load_data(str(data) if isinstance(data, Path) else data)
+        part = splits.split(split)
+        return part.x, part.y, splits
+    x, y = _tensors(data)
+    return x, y, None
