@@ -123,6 +123,8 @@ class Imported(nn.Module):
         c = self.in_shape[0]
         if len(self.in_shape) == 3 and self.model_shape == (*self.in_shape[1:], c):
             return x.permute(0, 2, 3, 1)  # channels-last (Keras' default for conv nets)
+        if math.prod(self.model_shape) != math.prod(self.in_shape):  # another size: the model itself says if it copes
+            return x
         return x.reshape(len(x), *self.model_shape)  # e.g. N×1×H×W → N×H×W for a Flatten-first model
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
