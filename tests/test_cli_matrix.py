@@ -272,6 +272,23 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
                                 ("ood", "--param", "temperature=0")]:
         add("report", f"{method} {flag} {value}", "report", w["run"], "--method", method, "-q", flag, value)
 
+    # ---- xdl import (issue 14): models xdl did not train ----
+    m = _import_workspace(r)
+    imp = ["import", "-q", "--out", r / "new-run"]
+    add("import", "unknown MODEL form", *imp, r / "one_class.csv")
+    add("import", "missing .pt2", *imp, r / "nowhere.pt2")
+    add("import", "hf: folder without config.json", *imp, f"hf:{r / 'no_images'}")
+    add("import", "folder without images", *imp, m["logits"], "--data", r / "no_images")
+    add("import", "weights that do not fit", *imp, "matrix_models:tiny", "--weights", m["misfit"], "--trust-code")
+    add("import", "factory without --trust-code", *imp, "matrix_models:tiny", "--weights", m["misfit"])
+    add("import", "--weights with a .pt2", *imp, m["logits"], "--weights", m["misfit"])
+    add("import", "output is not class scores", *imp, m["one_output"])
+    add("import", "input size the model rejects", *imp, m["sixteen"], "--input-size", "8")
+    add("import", "data size differs from the model's", *imp, m["sixteen"])
+    add("import", "--normalize bogus", *imp, m["logits"], "--normalize", "bright")
+    add("import", "--classes too few", *imp, m["logits"], "--classes", "a,b")
+    add("import", "--out holds a run", "import", "-q", m["logits"], "--out", w["run"])
+
     security_rows(w, add)
     return rows
 
@@ -404,6 +421,32 @@ def security_rows(w: dict[str, Path], add) -> None:
     add("train", "5-byte non-zip npz", *TRAIN, "--data", r / "five_bytes.npz", "--out", r / "new-run")
     add("train", "IDX header 65536⁴", *TRAIN, "--data", "mnist", "--data-dir", r / "idx_huge_header", "--out", r / "new-run")
     add("train", "IDX gzip bomb", *TRAIN, "--data", "mnist", "--data-dir", r / "idx_gzip_bomb", "--out", r / "new-run")
+
+
+def _import_workspace(root: Path) -> dict[str, Path]:
+    """torch.export programs and a user factory for the import rows (written once)."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    files = {name: root / f"{name}.pt2" for name in ("logits", "one_output", "sixteen")}
+    files["misfit"] = root / "misfit.safetensors"
+    if all(p.exists() for p in files.values()):
+        return files
+    head = lambda k: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, k))
+    batch = {0: torch.export.Dim("batch")}
+    for name, net, side in (("logits", head(10), 8), ("one_output", head(1), 8), ("sixteen", head(10), 16)):
+        program = torch.export.export(net.eval(), (torch.rand(2, 1, side, side),), dynamic_shapes=(batch,))
+        if name == "sixteen":  # a model that checks its input size, as ViTs do
+            program = torch.export.export(net.eval(), (torch.rand(2, 1, 16, 16),))
+        torch.export.save(program, files[name])
+    (root / "matrix_models.py").write_text(
+        "from torch import nn\n\ndef tiny(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n"
+    )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    save_file(nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10)).state_dict(), files["misfit"])
+    return files
 
 
 # ------------------------------------------------------------------------------ the tests

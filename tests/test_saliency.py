@@ -15,7 +15,6 @@ from xdl.analyzers import hook_count
 from xdl.cli.main import main
 from xdl.device import seed_everything
 from xdl.errors import XdlError
-from xdl.models import last_conv
 
 N = 4  # samples per check: enough for two batches of 2, cheap enough for CI
 
@@ -52,7 +51,9 @@ def captum_reference(method: str, model: nn.Module, x: torch.Tensor, target: tor
     if method == "occlusion":
         return attr.Occlusion(model).attribute(x, sliding_window_shapes=(1, 3, 3), strides=(1, 2, 2), baselines=0.0, target=target)
     if method == "gradcam":
-        maps = attr.LayerGradCam(model, last_conv(model)[1]).attribute(x, target=target, relu_attributions=True)
+        # xdl's automatic layer: the last spatial map before the head (the ReLU after the last conv).
+        last_map = model[[isinstance(m, nn.Flatten) for m in model].index(True) - 1]
+        maps = attr.LayerGradCam(model, last_map).attribute(x, target=target, relu_attributions=True)
         return attr.LayerAttribution.interpolate(maps, x.shape[-2:], interpolate_mode="bilinear")
     raise ValueError(method)
 

@@ -91,18 +91,22 @@ class Functional(nn.Module):
         return self.b(torch.nn.functional.relu(self.a(x)))
 
 
-@pytest.mark.parametrize(
-    "model",
-    [nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)), Functional()],
-    ids=["inplace", "functional"],
-)
-def test_deep_shap_falls_back_instead_of_failing(model):
+def test_deep_shap_falls_back_instead_of_failing():
     torch.manual_seed(0)
     x = torch.randn(30, 5)
-    result = xdl.explain(model, "shap", x=x, samples=None, params={"method": "deep", "background": 10}, save=False)
+    result = xdl.explain(Functional(), "shap", x=x, samples=None, params={"method": "deep", "background": 10}, save=False)
     assert result.params["method"] == "gradient"
     assert any("used expected gradients" in w for w in result.warnings)
     assert result.arrays["shap"].shape == (30, 5)
+
+
+def test_deep_shap_rewrites_inplace_activations():
+    # The in-place ReLU is made out-of-place for the call, so DeepSHAP runs and sums exactly.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    result = xdl.explain(model, "shap", x=torch.randn(30, 5), samples=None, params={"method": "deep", "background": 10}, save=False)
+    assert result.params["method"] == "deep" and result.metrics["additivity_relative_gap"] < 1e-4
+    assert model[1].inplace  # restored afterwards
 
 
 def test_shap_is_seeded(digits_run):

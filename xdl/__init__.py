@@ -24,6 +24,7 @@ _EXPORTS = {
     "attack": "xdl.api",
     "report": "xdl.api",
     "audit": "xdl.api",
+    "import_model": "xdl.imported",
     "Run": "xdl.run",
     "TrainConfig": "xdl.training",
     "DataSplits": "xdl.data.types",

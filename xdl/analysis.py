@@ -62,6 +62,7 @@ def analyze(
     *,
     x=None,
     y=None,
+    data=None,
     class_names: list[str] | None = None,
     samples: int | None | str = "default",
     split: str = "test",
@@ -112,25 +113,39 @@ def analyze(
     if evaluate and (kind != "explain" or world.size > 1):
         raise XdlError("--evaluate applies to xdl explain in one process (it re-explains every sample on altered models)")
     progress = progress and world.main
+    notes: list[str] = []
     if isinstance(source, nn.Module):
+        from xdl.imported import as_classifier, live_samples
+
+        splits = None
+        if data is not None:  # a data spec, DataSplits, (x, y) or a torch Dataset/DataLoader
+            x, y, splits = live_samples(data, split)
+            class_names = class_names or (splits.class_names if splits is not None else None)
         if x is None:
-            raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels)")
+            raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels) or data=")
         validate.check_model(source)
         x = validate.as_samples(x)
         y = None if y is None else validate.as_labels(y, len(x))
         seed = 0 if seed is None else seed
+        # Any output (tuple, dict, ModelOutput, probabilities) as class scores; N×H×W as images.
+        model, x, notes = as_classifier(source, x)
         xs, ys, groups, index = _select(x, y, {}, count, indices, seed)
-        with torch.no_grad():
-            n_out = source(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
+        from xdl.analyzers.base import eval_mode
+
+        with torch.no_grad(), eval_mode(model):
+            n_out = model(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
         validate.check_labels(ys, n_out)
         ctx = Context(
-            model=source, x=xs, y=ys, kind="image" if x.dim() == 4 else "tabular",
-            class_names=class_names or [str(i) for i in range(n_out)], device=dev,
+            model=model, x=xs, y=ys, kind=splits.kind if splits is not None else "image" if x.dim() == 4 else "tabular",
+            class_names=list(class_names) if class_names is not None else [str(i) for i in range(n_out)],
+            feature_names=splits.feature_names if splits is not None else [],
+            encoding=splits.encoding if splits is not None else None, data=splits, device=dev,
             seed=seed, batch_size=batch_size, target=target,
-            indices=index, progress=progress,
+            split=split, indices=index, progress=progress,
         )
         run = None
-        split = "given"  # the caller's own tensors, not a split of a run
+        if splits is None:
+            split = "given"  # the caller's own tensors, not a split of a run
         fingerprint = (provenance.model_digest(source), provenance.data_digest(x, y))
     else:
         run = source if isinstance(source, Run) else Run(source, trust_code=trust_code)
@@ -165,6 +180,7 @@ def analyze(
     if not world.main:  # rank 0 holds the merged result and writes it
         distributed.leave(world)
         return None
+    result.warnings += [n for n in notes if n not in result.warnings]
     result.provenance = provenance.record(
         split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
         model=fingerprint[0], data=fingerprint[1],

@@ -141,15 +141,31 @@ def report(source, method: str = "bias", **options):
     return analyze("report", source, method, **options)
 
 
-def audit(source: "Run | str | Path", **options):
+def audit(source: "Run | str | Path | nn.Module", data=None, out: str | Path | None = None, **options):
     """Run every applicable analyzer and write RUN/audit.html and RUN/audit.json.
 
     >>> page = xdl.audit(run, only=["ig", "pgd", "calibration"])   # doctest: +SKIP
     >>> page.html_path                                             # doctest: +SKIP
 
     Options (only, skip, samples, recompute, eps, device, progress, trust_code) are those of
-    :func:`xdl.auditing.audit`; the ``xdl audit`` command calls this.
+    :func:`xdl.auditing.audit`; the ``xdl audit`` command calls this. A live ``nn.Module``
+    is first imported into a run at ``out`` with ``data`` (see :func:`xdl.import_model`;
+    normalize, classes, input_size, force and seed go there):
+    ``xdl.audit(model, data=(x, y), out="runs/mine")``.
     """
     from xdl.auditing import audit as run_audit
 
+    if isinstance(source, nn.Module):
+        source = _import_live(source, data, out, options)
     return run_audit(source, **options)
+
+
+def _import_live(model: nn.Module, data, out, options: dict) -> Run:
+    """A live model is audited as a run: imported (model and data saved) into ``out`` first."""
+    from xdl.imported import import_model
+
+    if data is None or out is None:
+        raise XdlError("auditing a live model needs data= (a spec, tensors or a Dataset) and out= (the run directory to write)")
+    keys = ("normalize", "classes", "input_size", "force", "seed")
+    settings = {k: options.pop(k) for k in keys if k in options}
+    return import_model(model, data, out, device=options.get("device", "auto"), quiet=not options.get("progress", True), **settings)

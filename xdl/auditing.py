@@ -112,6 +112,12 @@ class Audit:
             "imported": info.get("imported"),
         }
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows the audit inline: its findings and sections, as on the page."""
+        from xdl.render.html import render_inline
+
+        return render_inline(self)
+
     def to_json(self) -> dict[str, Any]:
         """The page's content without images: figures are paths relative to the run."""
         sections = []

@@ -206,6 +206,11 @@ def load_user_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise XdlError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     norm = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Normalize) for b in ("mean", "std")}
+    own = model.state_dict()
+    for key, value in own.items():  # the first misfit in the model's order, which torch's message does not promise
+        if key in state and state[key].shape != value.shape:
+            shapes = ["×".join(map(str, s)) or "scalar" for s in (state[key].shape, value.shape)]
+            raise XdlError(f"weights in {path} do not fit the model: {key!r} is {shapes[0]} in the file but {shapes[1]} in the model")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -139,6 +139,10 @@ class Run:
         """The trained model on CPU, in eval mode, rebuilt from run.json with no flags."""
         from xdl.models import build_model
 
+        if isinstance(self.info.get("imported"), dict):  # a model xdl did not train (xdl import)
+            from xdl.imported import load_model
+
+            return load_model(self, getattr(self, "trust_code", None))
         cfg = self.info["model"]
         if cfg["name"] == "custom":
             require_trust(f"{self.path / 'run.json'} (model factory {cfg['factory']!r})", self.trust_code)
@@ -150,7 +154,11 @@ class Run:
     def data(self) -> DataSplits:
         from xdl.data import load_data
 
-        return load_data(self.info["data"])
+        data = load_data(self.info["data"])
+        imported = self.info.get("imported")
+        if isinstance(imported, dict) and imported.get("classes"):  # the model's own class names
+            data.class_names = list(imported["classes"])
+        return data
 
     @property
     def history(self) -> list[dict]:

@@ -13,6 +13,8 @@ tabular rows.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -24,7 +26,6 @@ from torch import nn
 from xdl.analyzers.base import Analyzer, Context, Result
 from xdl.errors import XdlError
 from xdl.limits import at_most, require_memory
-from xdl.models import last_conv
 
 # Methods that multiply the batch (IG steps, SmoothGrad noise draws, occlusion windows) run
 # at most this many batches' worth of examples per forward pass, so --batch-size bounds
@@ -34,6 +35,7 @@ BATCHES_PER_PASS = 4
 # digit strokes vanish (Sturmfels et al., "Visualizing the impact of feature attribution
 # baselines", Distill 2020), yet still an image of the same brightness.
 BLUR_SIGMA = 0.25
+LISTED = 12  # gradcam layer=list: candidates named in the summary line
 
 Baseline = Literal["zeros", "blur", "mean"]
 
@@ -236,7 +238,9 @@ class SmoothGrad(Attribution):
 
 @dataclass
 class GradCamParams:
-    layer: str = ""  # a module name as in model.named_modules(); empty: the last Conv2d
+    # A module name as in model.named_modules(); empty: found by a forward pass (the last
+    # spatial map before global pooling); "list": the candidates, nothing computed.
+    layer: str = ""
     relu: bool = True  # keep only evidence for the class, as in the paper
 
     def __post_init__(self) -> None:
@@ -244,11 +248,17 @@ class GradCamParams:
 
 
 class GradCam(Attribution):
-    """Class activation map of a conv layer, upsampled to the input (Selvaraju et al., 2017)."""
+    """Class activation map of a spatial layer, upsampled to the input (Selvaraju et al., 2017).
+
+    Works on any architecture: a conv net's last N×C×H×W map before global pooling, or a
+    vision transformer's patch tokens N×(1+h·w)×D viewed as an N×D×h×w grid (the
+    reshape pytorch-grad-cam's README prescribes for ViT). captum's LayerGradCam does the
+    work either way.
+    """
 
     Params = GradCamParams
     applies_to = frozenset({"image"})
-    description = "Grad-CAM on the last conv layer, upsampled to the input"
+    description = "Grad-CAM on the last spatial layer (conv map or ViT patch tokens), upsampled to the input"
     guide = (
         "Coarse regions that raised the class score, from the last convolutional layer (Selvaraju et al. "
         "2017). Heat on the background rather than the object is the classic sign of a shortcut; the map's "
@@ -258,25 +268,154 @@ class GradCam(Attribution):
     def cmap(self, params) -> str:
         return "hot" if params.relu else "bwr"
 
+    def run(self, ctx: Context, params) -> Result:
+        found = spatial_layers(ctx.model, ctx.x[:1].to(ctx.device))
+        if params.layer == "list":
+            return self.listing(found)
+        self.layer = pick_layer(ctx.model, found, params.layer)
+        result = super().run(ctx, params)
+        result.params["layer"] = self.layer.name
+        result.summary += f"; layer {self.layer.name}"
+        return result
+
+    def listing(self, found: list["SpatialLayer"]) -> Result:
+        auto = pick_layer(None, found, "").name if found else None
+        rows = [{"layer": f.name, "output": "×".join(map(str, f.shape)), "tokens": f.tokens, "auto": f.name == auto} for f in found]
+        names = ", ".join(f"{f.name}{' (auto)' if f.name == auto else ''}" for f in found[-LISTED:]) or "none"
+        more = f"the last {LISTED} of {len(found)} (all in the layers table): " if len(found) > LISTED else ""
+        return self.result(summary=f"gradcam layers, deepest last; {more}{names}", tables={"layers": rows},
+                           metrics={"candidates": len(found)})
+
     def attribute(self, ctx, x, target, params):
         from captum.attr import LayerAttribution, LayerGradCam
 
-        cam = LayerGradCam(ctx.model, conv_layer(ctx.model, params.layer))
-        maps = cam.attribute(x, target=target, relu_attributions=params.relu)
+        with self.layer.view(dict(ctx.model.named_modules())[self.layer.name]) as layer:
+            maps = LayerGradCam(ctx.model, layer).attribute(x, target=target, relu_attributions=params.relu)
         return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
 
 
-def conv_layer(model: nn.Module, name: str) -> nn.Module:
-    if not name:
-        found = last_conv(model)
-        if found is None:
-            raise XdlError("gradcam needs a conv layer; this model has none")
-        return found[1]
-    layers = dict(model.named_modules())
-    if name not in layers:
-        convs = ", ".join(n for n, m in layers.items() if isinstance(m, nn.Conv2d)) or "none"
-        raise XdlError(f"this model has no layer named {name!r}; its conv layers are: {convs}")
-    return layers[name]
+@dataclass
+class SpatialLayer:
+    """A module whose output is a spatial map: N×C×H×W, or N×T×D patch tokens (``tokens``)."""
+
+    name: str
+    shape: tuple[int, ...]  # one sample's output
+    tokens: bool = False
+    has_gradient: bool = True  # does the top class score depend on this map's spatial part?
+    is_norm: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(tokens left aside — a class token —, h, w) for a token layer."""
+        t = self.shape[0]
+        for skip in (1, 0):
+            side = math.isqrt(t - skip)
+            if side > 1 and side * side == t - skip:
+                return skip, side, side
+        raise ValueError(t)
+
+    @contextlib.contextmanager
+    def view(self, module: nn.Module):
+        """The module itself for a conv map; for tokens, a grid module fed from a hook on it."""
+        if not self.tokens:
+            yield module
+            return
+        grid = TokenGrid(*self.grid)
+
+        def through_grid(_, __, out):
+            mapped = grid(out)  # captum hooks ``grid``; the tokens go on unchanged in value
+            back = mapped.flatten(2).transpose(1, 2)
+            return torch.cat([out[:, : grid.skip], back], 1)
+
+        handle = module.register_forward_hook(through_grid)
+        try:
+            yield grid
+        finally:
+            handle.remove()
+
+
+class TokenGrid(nn.Module):
+    """Patch tokens N×(skip+h·w)×D as an N×D×h×w map (the class token left aside)."""
+
+    def __init__(self, skip: int, h: int, w: int):
+        super().__init__()
+        self.skip, self.h, self.w = skip, h, w
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.skip :]
+        return patches.transpose(1, 2).reshape(len(tokens), -1, self.h, self.w)
+
+
+def spatial_layers(model: nn.Module, x: torch.Tensor) -> list[SpatialLayer]:
+    """Modules with a spatial output, in the order they finish in one forward pass on ``x``.
+
+    Global pooling (H = W = 1), the input passed through unchanged in shape (a normalization
+    layer) and modules called more than once (their map is ambiguous) are left out. One
+    backward pass from the top class score says which maps it depends on: a transformer's
+    patch tokens after the last attention only feed themselves, not the class token.
+    """
+    found: dict[str, list] = {}
+    order: list[str] = []
+
+    def keep(name):
+        def hook(module, inputs, out):
+            if name in found:
+                found[name][0] = None  # called twice
+                return
+            order.append(name)
+            found[name] = [out if torch.is_tensor(out) else None, isinstance(module, nn.LayerNorm)]
+            if torch.is_tensor(out) and out.requires_grad:
+                out.retain_grad()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.enable_grad():
+            scores = model(x.detach().clone().requires_grad_())
+            scores[torch.arange(len(x)), scores.argmax(1)].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    layers = []
+    for name in order:
+        out, is_norm = found[name]
+        if out is None or out.shape[1:] == x.shape[1:]:
+            continue
+        grad = out.grad
+        if out.dim() == 4 and min(out.shape[-2:]) > 1:
+            layer = SpatialLayer(name, tuple(out.shape[1:]), is_norm=is_norm)
+        elif out.dim() == 3 and out.shape[1] > 4:
+            layer = SpatialLayer(name, tuple(out.shape[1:]), tokens=True, is_norm=is_norm)
+            try:
+                skip = layer.grid[0]
+            except ValueError:
+                continue
+            grad = None if grad is None else grad[:, skip:]
+        else:
+            continue
+        layer.has_gradient = grad is not None and bool(grad.abs().sum() > 0)
+        layers.append(layer)
+    return layers
+
+
+def pick_layer(model: nn.Module | None, found: list[SpatialLayer], name: str) -> SpatialLayer:
+    """The named layer, else the last map the score depends on (for tokens: the last norm layer)."""
+    if name:
+        # An imported run's model sits inside xdl's wrapper as ``model``; its own names work too.
+        match = [f for f in found if name in (f.name, f"model.{f.name}") or f.name == f"model.{name}"]
+        if not match:
+            names = ", ".join(f.name for f in found) or "none"
+            raise XdlError(f"this model has no spatial layer named {name!r}; its candidates are: {names}")
+        return match[0]
+    live = [f for f in found if f.has_gradient]
+    if not live:
+        raise XdlError("gradcam needs a conv layer; this model has none")
+    if live[-1].tokens:
+        # pytorch-grad-cam's choice for ViT/DeiT/Swin: the last block's first norm (blocks[-1].norm1).
+        norms = [f for f in live if f.tokens and f.is_norm]
+        return norms[-1] if norms else live[-1]
+    return live[-1]
 
 
 @dataclass
@@ -333,7 +472,13 @@ class DeepLiftParams:
 
 
 class DeepLift(Attribution):
-    """Contributions relative to a baseline, propagated by the rescale rule (Shrikumar et al., 2017)."""
+    """Contributions relative to a baseline, propagated by the rescale rule (Shrikumar et al., 2017).
+
+    DeepLIFT's rules hook every nonlinearity, which common architectures defeat: an
+    in-place ReLU is rewritten (made out-of-place for the call); a module used twice per
+    pass, or an in-place residual ``+=`` that captum's hooks cannot follow, makes xdl fall
+    back to integrated gradients from the same baseline, with a warning.
+    """
 
     Params = DeepLiftParams
     description = "DeepLIFT (rescale rule) relative to a zeros, blurred or mean baseline"
@@ -343,12 +488,102 @@ class DeepLift(Attribution):
         " hold for this architecture: trust IG instead."
     )
 
-    def attribute(self, ctx, x, target, params):
-        from captum.attr import DeepLift as CaptumDeepLift
+    def run(self, ctx: Context, params) -> Result:
+        self.why = deeplift_obstacle(ctx.model, ctx.x[:1].to(ctx.device))
+        try:
+            result = super().run(ctx, params)
+        except _DeepLiftFailed as failed:
+            self.why = str(failed)
+            result = super().run(ctx, params)
+        if self.why:
+            result.warnings.append(
+                f"DeepLIFT cannot handle this model ({self.why}); used integrated gradients "
+                f"({FALLBACK_STEPS} steps) from the same baseline instead"
+            )
+            result.params["fallback"] = "ig"
+        return result
 
-        with warnings.catch_warnings():
+    def attribute(self, ctx, x, target, params):
+        from captum.attr import DeepLift as CaptumDeepLift, IntegratedGradients as CaptumIG
+
+        reference = baseline(ctx, x, params.baseline)
+        if self.why:
+            return CaptumIG(ctx.model).attribute(
+                x, baselines=reference, target=target, n_steps=FALLBACK_STEPS,
+                internal_batch_size=forward_budget(ctx, len(x)), return_convergence_delta=True,
+            )
+        with warnings.catch_warnings(), out_of_place(ctx.model), hooks_restored(ctx.model):
             # captum announces, on every call, that it hooks the activations and removes the hooks again.
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
-            return CaptumDeepLift(ctx.model).attribute(
-                x, baselines=baseline(ctx, x, params.baseline), target=target, return_convergence_delta=True
-            )
+            try:
+                return CaptumDeepLift(ctx.model).attribute(
+                    x, baselines=reference, target=target, return_convergence_delta=True
+                )
+            except RuntimeError as exc:  # e.g. an in-place ``+=`` on a hooked output
+                raise _DeepLiftFailed(first_sentence(exc)) from None
+
+
+FALLBACK_STEPS = 50  # integrated gradients' steps when DeepLIFT cannot run (captum's default)
+
+
+class _DeepLiftFailed(Exception):
+    """Raised out of a batch so that every sample falls back alike, not only the later ones."""
+
+
+def first_sentence(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0][:200]
+
+
+def deeplift_obstacle(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why DeepLIFT's per-module rules cannot follow this model, found in one forward pass; None if they can.
+
+    A module with no submodules called more than once per pass (one ReLU reused, as in
+    torchvision's ResNet blocks) keeps only its last input and output, so its rule would
+    use the wrong ones: captum refuses, and shap silently misattributes.
+    """
+    calls: dict[str, int] = {}
+    leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
+
+    def count(name):
+        def hook(*_):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    handles = [m.register_forward_hook(count(n)) for n, m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    reused = [(n, c) for n, c in calls.items() if c > 1]
+    return f"module {reused[0][0]!r} is called {reused[0][1]} times per forward pass" if reused else None
+
+
+@contextlib.contextmanager
+def out_of_place(model: nn.Module):
+    """In-place activations made out-of-place for the call (DeepLIFT's hooks need their inputs intact)."""
+    flipped = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in flipped:
+        m.inplace = False
+    try:
+        yield model
+    finally:
+        for m in flipped:
+            m.inplace = True
+
+
+@contextlib.contextmanager
+def hooks_restored(model: nn.Module):
+    """Remove any hook a library left on the model when it failed half-way (shap, captum)."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    before = {(id(m), k): set(getattr(m, k, {})) for m in model.modules() for k in kinds}
+    try:
+        yield model
+    finally:
+        for m in model.modules():
+            for k in kinds:
+                hooks = getattr(m, k, None)
+                for key in [key for key in (hooks or {}) if key not in before.get((id(m), k), set())]:
+                    del hooks[key]

@@ -156,21 +156,25 @@ def expected_gradients(ctx: Context, background: torch.Tensor, target: torch.Ten
 def deep_shap(ctx: Context, background: torch.Tensor, classes: torch.Tensor) -> torch.Tensor | str:
     """shap.DeepExplainer's values for the given classes, or why its rules do not fit the model.
 
-    In-place activations break DeepLIFT's backward hooks; a module called twice or a
-    functional activation is invisible to them, and shap detects the result by its values
-    no longer summing to f(x) - E[f(b)] (its additivity check). Either way the caller falls
-    back to expected gradients rather than fail.
+    In-place activations are made out-of-place for the call. A module called twice per pass
+    is refused up front (shap would silently misattribute it); an in-place residual ``+=``
+    or a functional activation shows up as an error or as values no longer summing to
+    f(x) - E[f(b)] (shap's additivity check). Either way the caller falls back to expected
+    gradients rather than fail, and shap's hooks are removed even when it stopped half-way.
     """
     import shap
 
-    if any(getattr(m, "inplace", False) for m in ctx.model.modules()):
-        return "in-place activation"
+    from xdl_plugins.saliency import deeplift_obstacle, first_sentence, hooks_restored, out_of_place
+
+    why = deeplift_obstacle(ctx.model, ctx.x[:1].to(ctx.device))
+    if why:
+        return why
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), out_of_place(ctx.model), hooks_restored(ctx.model):
             warnings.filterwarnings("ignore", category=UserWarning)  # shap's notes on unrecognized modules
             values = shap.DeepExplainer(ctx.model, background.to(ctx.device)).shap_values(ctx.x.to(ctx.device))
     except (RuntimeError, AssertionError) as exc:  # AssertionError is shap's additivity check
-        return str(exc).split("!")[0].split(".")[0]
+        return first_sentence(exc).split("!")[0]
     values = torch.as_tensor(np.asarray(values), dtype=torch.float32)  # N×…×K
     return values.movedim(-1, 0)[classes, torch.arange(values.shape[0])]
 

@@ -268,6 +268,12 @@ class Result:
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows a Result inline as the audit page draws its section."""
+        from xdl.render.html import render_result
+
+        return render_result(self)
+
     def add_figure(self, name: str, fig: Any, dpi: int = 110) -> None:
         """Render a matplotlib figure to PNG and close it (figures never leak between runs)."""
         import sys

@@ -14,6 +14,7 @@ import click
 # name → (module:attribute, one-line help). The help lives here so listing commands imports nothing.
 COMMANDS = {
     "train": ("xdl.cli.train:command", "Train a model on a dataset and save it as a run directory."),
+    "import": ("xdl.cli.import_:command", "Make a run from a model xdl did not train (Hugging Face, Keras, torch.export, factory)."),
     "explain": ("xdl.cli.analyze:explain", "Explain a run's predictions (saliency, IG, SHAP, LIME, …)."),
     "attack": ("xdl.cli.analyze:attack", "Attack a run's model (FGSM, PGD, eps sweeps)."),
     "report": ("xdl.cli.analyze:report", "Report on a run's health (bias, overfitting, calibration)."),

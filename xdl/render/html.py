@@ -31,6 +31,36 @@ def render_audit(audit: "Audit") -> str:
     return _environment().get_template("audit.html").render(audit=audit, header=audit.header(), table_rows=TABLE_ROWS)
 
 
+def render_blocks(blocks: list[tuple[str, dict]]) -> str:
+    """Named blocks of the audit page, each with its own variables: the same HTML, no page around it.
+
+    Notebooks show a Result or an Audit inline this way (``_repr_html_``), so a section
+    reads the same in Jupyter as in audit.html.
+    """
+    template = _environment().get_template("audit.html")
+    parts = []
+    for name, values in blocks:
+        context = template.new_context({"table_rows": TABLE_ROWS, **values})
+        parts.append("".join(template.blocks[name](context)))
+    return '<div class="xdl">' + "".join(parts) + "</div>"
+
+
+def render_result(result: Any) -> str:
+    """One Result as the audit page draws its section."""
+    from xdl.auditing import Section
+
+    return render_blocks([("section", {"s": Section(result.kind, result.method, "computed", result)})])
+
+
+def render_inline(audit: "Audit") -> str:
+    """An audit's findings and sections, without the page's header and styles (for notebooks)."""
+    from html import escape
+
+    head = f'<p class="meta">Audit of <code>{escape(audit.run.name)}</code> · the page: {escape(str(audit.html_path))}</p>'
+    blocks = [("findings", {"audit": audit})] + [("section", {"s": s}) for s in audit.sections]
+    return head + render_blocks(blocks)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> "Environment":
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
