@@ -165,11 +165,6 @@ def set_normalization(model: nn.Module, x: torch.Tensor) -> None:
     norm.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).reshape(norm.std.shape))
 
 
-def last_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The last Conv2d layer (name, module), the usual Grad-CAM layer; None for conv-free models."""
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1] if convs else None
-
 
 def load_user_weights(model: nn.Module, path: str | Path) -> None:
     """Load a user's weights into ``model`` without ever executing code from the file.
