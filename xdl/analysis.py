@@ -16,8 +16,12 @@ from xdl.errors import XdlError
 from xdl.run import Run
 
 
-def _select(split_x, split_y, groups: dict, samples: int | None, indices) -> tuple:
-    """The samples to analyze: explicit indices, else the first ``samples``, else all."""
+def _select(split_x, split_y, groups: dict, samples: int | None, indices, decode: bool = False) -> tuple:
+    """The samples to analyze: explicit indices, else the first ``samples``, else all.
+
+    Of a streamed split they are decoded when ``decode`` (explanations: a few samples, used
+    whole) or when they fit in memory; otherwise they stay a view, walked with ``ctx.stream``.
+    """
     import numpy as np
     import torch
 
@@ -33,9 +37,12 @@ def _select(split_x, split_y, groups: dict, samples: int | None, indices) -> tup
         index = np.arange(min(samples, n))
     else:
         index = np.arange(n)
+    from xdl.data.stream import select
+
     t = torch.as_tensor(index, dtype=torch.long)
     y = split_y[t] if split_y is not None else None
-    return split_x[t], y, {k: v[index] for k, v in groups.items()}, index
+    xs = split_x[t] if decode else select(split_x, index)
+    return xs, y, {k: v[index] for k, v in groups.items()}, index
 
 
 def analyze(
@@ -103,7 +110,7 @@ def analyze(
         run = source if isinstance(source, Run) else Run(source)
         data = run.data
         part = data.split(split)
-        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices)
+        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, decode=kind == "explain")
         ctx = Context(
             model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
             feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,
