@@ -17,14 +17,21 @@ from xdl.errors import XdlError
 from xdl.run import Run
 
 
-def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: int = 0) -> tuple:
-    """The samples to analyze: explicit indices, else a seeded sample of ``samples``, else all."""
+def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: int = 0, decode: bool = False) -> tuple:
+    """The samples to analyze: explicit indices, else a seeded sample of ``samples``, else all.
+
+    Of a streamed split they are decoded when ``decode`` (explanations: a few samples, used
+    whole) or when they fit in memory; otherwise they stay a view, walked with ``ctx.stream``.
+    """
     import torch
+
+    from xdl.data.stream import select
 
     index = selection(len(split_x), None if split_y is None else split_y.numpy(), samples, indices, seed)
     t = torch.as_tensor(index, dtype=torch.long)
     y = split_y[t] if split_y is not None else None
-    return split_x[t], y, {k: v[index] for k, v in groups.items()}, index
+    xs = split_x[t] if decode else select(split_x, index)
+    return xs, y, {k: v[index] for k, v in groups.items()}, index
 
 
 def selection(n: int, labels, samples: int | None, indices, seed: int):
@@ -155,7 +162,7 @@ def analyze(
         data = run.data
         part = data.split(split)
         seed = run.seed if seed is None else seed
-        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, seed)
+        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, seed, decode=kind == "explain")
         ctx = Context(
             model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
             feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,

@@ -21,6 +21,7 @@ from torch import nn
 from xdl import checkpoint
 from xdl import distributed
 from xdl import robust
+from xdl.data import stream
 from xdl.data.types import DataSplits, Split
 from xdl.device import seed_everything
 from xdl.errors import XdlError
@@ -30,6 +31,7 @@ from xdl.errors import XdlError
 # -----------------------------------------------------------------------------------------
 
 AUGMENTATIONS = ("shift", "rotate", "flip", "noise", "cutout")
+STREAM_EVAL_BATCH = 256  # evaluation batch of a streamed split: decoded images, not tensor slices
 
 
 @dataclass
@@ -144,10 +146,10 @@ def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: i
     model.eval()
     loss, correct = 0.0, 0
     share = distributed.shard_range(len(split), distributed.current())
-    for start in range(share.start, share.stop, batch_size):
-        stop = min(start + batch_size, share.stop)
-        xb = split.x[start:stop].to(device, non_blocking=True)
-        yb = split.y[start:stop].to(device, non_blocking=True)
+    if stream.is_streamed(split.x):
+        batch_size = min(batch_size, STREAM_EVAL_BATCH)
+    for rows, xb in stream.batches(split.x, batch_size, device, share):
+        yb = split.y[rows].to(device, non_blocking=True)
         logits = model(xb).float()
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
@@ -234,8 +236,11 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     # Data lives on the device for the whole run: batches are index gathers, not copies.
-    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
-    if channels_last:
+    # A streamed split (too large to hold) is decoded per batch by persistent workers instead.
+    streamed = stream.is_streamed(data.train.x)
+    loader = stream.EpochLoader(data.train.x, device) if streamed else None
+    x_train, y_train = (None if streamed else data.train.x.to(device)), data.train.y.to(device)
+    if channels_last and not streamed:
         x_train = x_train.contiguous(memory_format=torch.channels_last)  # index gathers keep the layout
     n = len(y_train)
     steps_per_epoch = distributed.steps_per_epoch(n, cfg.batch_size, world)
@@ -267,9 +272,12 @@ def fit(
         total_correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad = torch.zeros((), device=device, dtype=torch.long)  # 1-based step of the first NaN/inf loss
         bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
+        shards = [distributed.shard_batch(order[step * cfg.batch_size : (step + 1) * cfg.batch_size], world)
+                  for step in range(steps_per_epoch)]
+        decoded = loader.epoch([idx for idx, _ in shards]) if streamed else None
         for step in range(steps_per_epoch):
-            idx, share = distributed.shard_batch(order[step * cfg.batch_size : (step + 1) * cfg.batch_size], world)
-            xb, yb = augment(x_train[idx], cfg), y_train[idx]
+            idx, share = shards[step]
+            xb, yb = augment(next(decoded) if streamed else x_train[idx], cfg), y_train[idx]
             if adversary is not None:
                 # The plain model, not DDP's wrapper: the attack's input gradient must not trigger a gradient sync.
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):

@@ -20,11 +20,13 @@ import torch
 
 from xdl import robust
 from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
+from xdl.data.stream import is_streamed
 from xdl.errors import XdlError
 from xdl.limits import at_most
 
 GRID_SAMPLES = 8
 ROW_KEYS = ("eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "mean_confidence_drop")  # _measure's
+KEEP_STREAMED = 256  # adversarial images kept (saved, drawn) for a streamed split: memory stays bounded
 
 
 @dataclass
@@ -89,14 +91,13 @@ class _Attack(Analyzer):
             if not mask.any():
                 raise XdlError("this table has no numeric features, and only numeric features can be perturbed")
         result = self.result()
-        clean = ctx.predict()
         if ctx.y is None:
             result.warnings.append("no labels: accuracy is measured against the model's own clean predictions")
-        labels = ctx.y.long().cpu() if ctx.y is not None else clean.argmax(1)
         rows = []
         for eps in sweep:
-            adv, probs = self._attack_split(ctx, labels, eps, params, mask)
-            rows.append(_measure(eps, ctx.x, adv, clean, probs, labels))
+            clean, adv, probs, distances = self._attack_split(ctx, eps, params, mask)
+            labels = ctx.y.long().cpu() if ctx.y is not None else clean.argmax(1)
+            rows.append(_measure(eps, distances, clean, probs, labels))
         last = rows[-1]
         result.metrics = {"clean_accuracy": _accuracy(clean.argmax(1), labels), **last, "samples": len(labels)}
         result.metrics["perturbed"] = _perturbed(ctx, mask)
@@ -106,6 +107,9 @@ class _Attack(Analyzer):
             "clean_predictions": clean.argmax(1).numpy(),
             "labels": labels.numpy(),
         }
+        if len(adv) < len(labels):
+            result.warnings.append(f"streamed split: adversarial images are kept for the first {len(adv)} of "
+                                   f"{len(labels)} samples; the metrics cover all of them")
         result.summary = _summary(self.label(params), result.metrics, rows, ctx.kind == "tabular")
         if len(sweep) > 1:
             result.tables["robustness"] = rows
@@ -160,15 +164,28 @@ class _Attack(Analyzer):
             result.add_figure("robustness_curve", _curve(rows, metrics["clean_accuracy"], label))
         return result
 
-    def _attack_split(self, ctx: Context, labels: torch.Tensor, eps: float, params, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        adv, probs = [], []
-        for s in ctx.batches(desc=f"{self.label(params)} eps={eps:g}"):
-            xb = ctx.x[s].to(ctx.device)
-            out = self.perturb(ctx, xb, labels[s].to(ctx.device), eps, params, mask)
+    def _attack_split(self, ctx: Context, eps: float, params, mask) -> tuple:
+        """One pass over the samples (a streamed split is decoded once per eps): clean
+        probabilities, adversarial images (all, or the first KEEP_STREAMED of a streamed
+        split), their probabilities, and each sample's L∞ and L2 distance from its original."""
+        keep = KEEP_STREAMED if is_streamed(ctx.x) else len(ctx.x)
+        clean, adv, probs, linf, l2 = [], [], [], [], []
+        for s, xb in ctx.stream(desc=f"{self.label(params)} eps={eps:g}"):
+            with torch.no_grad():
+                clean.append(torch.softmax(ctx.model(xb).float(), 1).cpu())
+            # Without labels, the attack pushes away from the model's own clean prediction.
+            yb = ctx.y[s].long() if ctx.y is not None else clean[-1].argmax(1)
+            out = self.perturb(ctx, xb, yb.to(ctx.device), eps, params, mask)
             with torch.no_grad():
                 probs.append(torch.softmax(ctx.model(out).float(), 1).cpu())
-            adv.append(out.cpu())
-        return torch.cat(adv), torch.cat(probs)
+            delta = (out - xb).flatten(1)
+            linf.append(delta.abs().amax(1).cpu())
+            l2.append(delta.norm(dim=1).cpu())
+            kept = sum(len(a) for a in adv)
+            if kept < keep:
+                adv.append(out[: keep - kept].cpu())
+        return torch.cat(clean), torch.cat(adv), torch.cat(probs), (torch.cat(linf), torch.cat(l2))
+
 
 class Fgsm(_Attack):
     """Fast Gradient Sign Method (Goodfellow et al. 2015): one step of eps·sign(∇ₓ loss)."""
@@ -228,10 +245,11 @@ def _accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).double().mean()) if len(labels) else float("nan")
 
 
-def _measure(eps: float, x: torch.Tensor, adv: torch.Tensor, clean: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+def _measure(eps: float, distances: tuple[torch.Tensor, torch.Tensor], clean: torch.Tensor, probs: torch.Tensor,
+             labels: torch.Tensor) -> dict:
     correct = clean.argmax(1) == labels
     fooled = probs.argmax(1) != labels
-    delta = (adv - x).flatten(1)
+    linf, l2 = distances
     # Confidence drop: how much probability the clean prediction's class lost.
     top = clean.argmax(1, keepdim=True)
     drop = clean.gather(1, top) - probs.gather(1, top)
@@ -240,8 +258,8 @@ def _measure(eps: float, x: torch.Tensor, adv: torch.Tensor, clean: torch.Tensor
         "robust_accuracy": _accuracy(probs.argmax(1), labels),
         # Share of the originally correct samples that the attack turned wrong.
         "success_rate": float(fooled[correct].double().mean()) if correct.any() else None,
-        "mean_linf": float(delta.abs().amax(1).mean()) if len(delta) else 0.0,
-        "mean_l2": float(delta.norm(dim=1).mean()) if len(delta) else 0.0,
+        "mean_linf": float(linf.mean()) if len(linf) else 0.0,
+        "mean_l2": float(l2.mean()) if len(l2) else 0.0,
         "mean_confidence_drop": float(drop.mean()) if len(drop) else 0.0,
     }
 
@@ -286,6 +304,8 @@ def _grid(ctx: Context, adv: torch.Tensor, clean: torch.Tensor, probs: torch.Ten
     """Original, adversarial and amplified perturbation for a few samples, the flipped ones first."""
     from xdl.plotting import image_grid, sample_titles
 
+    n = len(adv)  # of a streamed split, only the first samples' adversarial images are kept
+    probs, clean, labels = probs[:n], clean[:n], labels[:n]
     fooled = (probs.argmax(1) != labels) & (clean.argmax(1) == labels)
     pick = torch.argsort((~fooled).int(), stable=True)[:GRID_SAMPLES]
     x, a = ctx.x[pick], adv[pick]

@@ -69,18 +69,18 @@ class Bias(Analyzer):
         if len(ctx.y) < MIN_SAMPLES:
             # Rates, quantile segments and bootstrap intervals are meaningless on a handful of rows.
             raise XdlError(f"the bias report needs at least {MIN_SAMPLES} samples, got {len(ctx.y)}")
-        probs = ctx.predict()
+        groups = _groups(ctx, params.sensitive)
+        probs, properties = _scan(ctx, segments=not groups and ctx.kind == "image")
         y_true, y_pred = ctx.y.numpy().astype(int), probs.argmax(1).numpy()
         result = self.result()
         predictions = {"y_true": y_true, "y_pred": y_pred, "confidence": probs.max(1).values.numpy()}
         parts = [_per_class(ctx, y_true, y_pred, result)]
 
-        groups = _groups(ctx, params.sensitive)
         rng = np.random.default_rng(ctx.seed)
         for column, labels in groups.items():
             parts.append(_per_group(ctx, column, labels, y_true, y_pred, params, rng, result))
         if not groups and ctx.kind == "image":
-            segments = _segments(ctx.x, params.segments)
+            segments = _segments(properties, params.segments)
             parts.append(_per_segment(segments, y_true, y_pred, result))
             groups = segments
         elif not groups:
@@ -323,26 +323,43 @@ def _bootstrap_intervals(
 # -----------------------------------------------------------------------------------------
 
 
-def _segments(x: torch.Tensor, q: int) -> dict[str, np.ndarray]:
+@torch.no_grad()
+def _scan(ctx: Context, segments: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Probabilities and, for image segments, each image's properties: one pass over the samples
+    (a streamed split is decoded once, a batch at a time)."""
+    probs, found = [], []
+    for _, xb in ctx.stream(desc="bias"):
+        probs.append(torch.softmax(ctx.model(xb).float(), 1).cpu())
+        if segments:
+            found.append(_properties(xb))
+    properties = {name: torch.cat([f[name] for f in found]) for name in found[0]} if found else {}
+    return torch.cat(probs), properties
+
+
+def _segments(properties: dict[str, torch.Tensor], q: int) -> dict[str, np.ndarray]:
     """Quantile bins of brightness, contrast and foreground area for each image."""
     import pandas as pd
 
+    out = {}
+    for name, values in properties.items():
+        bins = pd.qcut(values.numpy().astype(np.float64), q, duplicates="drop", precision=3)
+        out[name] = np.asarray(bins.astype(str))
+    return out
+
+
+def _properties(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Brightness, contrast and foreground area of each image of a batch, on CPU."""
     gray = x.float().mean(1)  # N×H×W in [0, 1]
     flat = gray.flatten(1)
     # The background is what the border shows (dark for digits/MNIST, light for scans), so
     # foreground = pixels far from the border's median, whichever way the image is lit.
     border = torch.cat([gray[:, 0], gray[:, -1], gray[:, :, 0], gray[:, :, -1]], 1)
     background = border.median(1).values
-    properties = {
-        "brightness": flat.mean(1),
-        "contrast": flat.std(1),
-        "foreground_area": ((flat - background[:, None]).abs() > 0.25).float().mean(1),
+    return {
+        "brightness": flat.mean(1).cpu(),
+        "contrast": flat.std(1).cpu(),
+        "foreground_area": ((flat - background[:, None]).abs() > 0.25).float().mean(1).cpu(),
     }
-    out = {}
-    for name, values in properties.items():
-        bins = pd.qcut(values.numpy().astype(np.float64), q, duplicates="drop", precision=3)
-        out[name] = np.asarray(bins.astype(str))
-    return out
 
 
 def _per_segment(segments: dict[str, np.ndarray], y_true: np.ndarray, y_pred: np.ndarray, result: Result) -> str:

@@ -94,7 +94,7 @@ class Calibration(Analyzer):
 def log_probs(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """Log-softmax outputs, batched, on CPU: usable as logits (softmax(log p / T) = softmax(z / T))
     without the underflow that log of ``ctx.predict``'s probabilities would hit."""
-    out = [F.log_softmax(ctx.model(x[s].to(ctx.device)).float(), 1).cpu() for s in ctx.batches(len(x))]
+    out = [F.log_softmax(ctx.model(xb).float(), 1).cpu() for _, xb in ctx.stream(x)]
     return torch.cat(out) if out else torch.empty(0, ctx.num_classes)
 
 

@@ -132,7 +132,7 @@ class Context:
     """
 
     model: nn.Module
-    x: torch.Tensor
+    x: torch.Tensor  # or a streamed split's LazyImages: walk it with stream()
     y: torch.Tensor | None = None
     kind: str = "image"
     class_names: list[str] = field(default_factory=list)
@@ -181,11 +181,34 @@ class Context:
         else:
             yield from slices
 
+    def stream(self, x=None, batch_size: int | None = None, desc: str | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(positions, inputs on the device) over ``x`` (default: the samples), in order.
+
+        The one way to walk many samples: slices of a tensor, or, for a streamed split
+        (:mod:`xdl.data.stream`), images decoded by worker processes a batch at a time, so
+        memory is bounded by the batch size. Explain methods that index ``ctx.x`` directly
+        get real tensors either way.
+        """
+        from xdl.data.stream import batches
+
+        x = self.x if x is None else x
+        size = batch_size or self.batch_size
+        parts = batches(x, size, self.device)
+        if desc and self.progress and len(x) > size:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            total = -(-len(x) // size)
+            yield from tqdm(parts, desc=desc, total=total, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+        else:
+            yield from parts
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax probabilities for ``x`` (default: the samples), batched, on CPU."""
         x = self.x if x is None else x
-        out = [torch.softmax(self.model(x[s].to(self.device)).float(), 1).cpu() for s in self.batches(len(x))]
+        out = [torch.softmax(self.model(xb).float(), 1).cpu() for _, xb in self.stream(x)]
         return torch.cat(out) if out else torch.empty(0, self.num_classes)
 
     def targets(self) -> torch.Tensor:

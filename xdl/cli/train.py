@@ -14,6 +14,8 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--target", help="CSV: the label column")
 @click.option("--sensitive", help="CSV: group columns kept for the bias report, comma-separated")
 @click.option("--limit", type=click.IntRange(min=1), help="use at most this many training rows")
+@click.option("--input-size", type=click.IntRange(1, 4096), help="image folders: resize (shorter side) and centre-crop every image to N×N")
+@click.option("--color", type=click.Choice(["gray", "rgb"]), help="image folders: convert every image to grayscale or RGB (default: RGB if any image is colour)")
 @click.option("--model", default="auto", show_default=True, help="mlp | cnn | package.module:factory (auto: cnn for images, mlp for tables)")
 @click.option("--hidden", callback=csv_ints, help="hidden layer sizes, e.g. 256,128")
 @click.option("--channels", callback=csv_ints, help="cnn conv widths, e.g. 32,64")
@@ -46,12 +48,13 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--init-weights", type=click.Path(dir_okay=False), help="start from these weights (.safetensors, .pt or .pth; never executes code)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or per-epoch lines")
 @trust_code_option
-def command(data, data_dir, target, sensitive, limit, model, hidden, channels, activation, dropout,
+def command(data, data_dir, target, sensitive, limit, input_size, color, model, hidden, channels, activation, dropout,
             batch_norm, out, force, resume, init_weights, quiet, trust_code, **train_options) -> None:
     """Train a model and save it as a run directory (weights, run.json, history.csv)."""
     from xdl.api import train
 
-    data_options = {"data_dir": data_dir, "target": target, "sensitive": sensitive, "limit": limit}
+    data_options = {"data_dir": data_dir, "target": target, "sensitive": sensitive, "limit": limit,
+                    "input_size": input_size, "channels": {"gray": 1, "rgb": 3}.get(color)}
     model_options = {"hidden": hidden, "channels": channels, "activation": activation,
                      "dropout": dropout, "batch_norm": batch_norm}
     train_options["augment"] = train_options["augment"] or []

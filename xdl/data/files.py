@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdl.data import random_splits
+from xdl.data import random_splits, stream
 from xdl.data.types import ColumnEncoding, DataSplits, Encoding
 from xdl.errors import XdlError
 
@@ -186,22 +186,71 @@ def _image_files(class_dir: Path) -> list[Path]:
     return found
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """uint8 H×W (grayscale) or H×W×3 (colour)."""
-    from PIL import Image
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _read_image(path: Path, size: tuple[int, int] | None = None, gray: bool | None = None) -> np.ndarray:
+    """uint8 H×W (grayscale) or H×W×3 (colour); ``gray`` forces one, else the file's own decides.
+
+    With ``size`` (H, W) the image is scaled so that it covers H×W and centre-cropped to it
+    (Pillow's ``ImageOps.fit``): the shorter side is kept whole, the longer one trimmed.
+    """
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
+            if size is not None:
+                # JPEG only: decode at the smallest 1/2^k scale still covering ``size`` (much faster).
+                image.draft(None, (size[1], size[0]))
             image.load()
-            gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            native_gray = image.mode in GRAY_MODES
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 array = np.asarray(image, dtype=np.float64)
                 top = 65535.0 if array.max() > 255 else 255.0
-                return np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8)
-            return np.asarray(image.convert("L" if gray else "RGB"), dtype=np.uint8)
+                image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
+            image = image.convert("L" if (native_gray if gray is None else gray) else "RGB")
+            if size is not None and image.size != (size[1], size[0]):
+                image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.array(image, dtype=np.uint8)  # writable: torch.from_numpy refuses read-only arrays
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, …)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise XdlError(f"cannot read image {path}: {message}") from None
+
+
+def _image_options(spec: dict) -> tuple[tuple[int, int] | None, bool | None]:
+    """The spec's ``input_size`` (square side) and ``channels`` (1 or 3), checked."""
+    size, channels = spec.get("input_size"), spec.get("channels")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096):
+        raise XdlError(f"--input-size must be a whole number of pixels in 1..4096, got {size!r}")
+    if channels is not None and channels not in (1, 3):
+        raise XdlError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return (None if size is None else (size, size)), (None if channels is None else channels == 1)
+
+
+def _probe(files: list[tuple[Path, int]], size: tuple[int, int] | None, gray: bool | None) -> tuple[tuple[int, int], bool]:
+    """The decoded image size and colour, from file headers only (no pixel is decoded).
+
+    Without ``input_size`` the first image's size is the size; without ``channels`` the
+    images are colour if any of (a seeded sample of at most PROBE) files is.
+    """
+    from PIL import Image
+
+    def header(path: Path) -> tuple[tuple[int, int], str]:
+        try:
+            with Image.open(path) as image:
+                return (image.height, image.width), image.mode
+        except Exception as exc:  # as in _read_image
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise XdlError(f"cannot read image {path}: {message}") from None
+
+    first_size, _ = header(files[0][0])
+    if gray is None:
+        pick = np.random.default_rng(0).permutation(len(files))[:PROBE] if len(files) > PROBE else range(len(files))
+        gray = all(header(files[i][0])[1] in GRAY_MODES for i in pick)
+    return size or first_size, gray
+
+
+PROBE = 256  # files whose header decides grayscale or colour for a streamed folder
 
 
 def load_folder(spec: dict) -> DataSplits:
@@ -229,14 +278,18 @@ def load_folder(spec: dict) -> DataSplits:
     index = limit_index(len(files), spec)
     if index is not None:
         files = [files[i] for i in index]
+    size, gray = _image_options(spec)
+    decoded, probed_gray = _probe(files, size, gray)
+    if len(files) * (1 if probed_gray else 3) * decoded[0] * decoded[1] * 4 > stream.threshold():
+        return _streamed(files, class_names, spec, notes, decoded, probed_gray, given=size is not None)
     arrays: list[np.ndarray] = []
     for path, _ in files:
-        array = _read_image(path)
+        array = _read_image(path, size, gray)
         if arrays and array.shape[:2] != arrays[0].shape[:2]:
             (h0, w0), (h, w) = arrays[0].shape[:2], array.shape[:2]
             raise XdlError(
                 f"{path} is {h}×{w} pixels but {files[0][0]} is {h0}×{w0}; "
-                "all images must have the same size (resize them first)"
+                "all images must have the same size (resize them first, or pass --input-size)"
             )
         arrays.append(array)
     if min(arrays[0].shape[:2]) < MIN_SIDE:
@@ -253,3 +306,21 @@ def load_folder(spec: dict) -> DataSplits:
     y = np.array([label for _, label in files], dtype=np.int64)
     train, val, test = random_splits(x, y, spec, source=index)
     return DataSplits(train, val, test, "image", class_names, spec, notes=notes)
+
+
+def _streamed(files: list[tuple[Path, int]], class_names: list[str], spec: dict, notes: list[str],
+              size: tuple[int, int], gray: bool, given: bool) -> DataSplits:
+    """The folder as streamed splits: paths and labels in memory, pixels decoded per batch."""
+    from xdl.data.types import Split
+
+    y = np.array([label for _, label in files], dtype=np.int64)
+    # The same seeded, stratified split as the in-memory path: it depends on the labels only.
+    parts = random_splits(np.arange(len(y))[:, None], y, spec)
+    images = stream.ImageFiles([str(path) for path, _ in files], size, gray)
+    splits = [Split(stream.LazyImages(images, p.x[:, 0].long().numpy()), p.y) for p in parts]
+    gib = len(y) * (1 if gray else 3) * size[0] * size[1] * 4 / 2**30
+    notes.append(f"streaming {len(y)} images ({gib:.1f} GiB decoded) from disk in batches instead of holding them")
+    if not given:
+        notes.append(f"images are resized and centre-cropped to the first one's {size[0]}×{size[1]}; "
+                     "pass --input-size to choose")
+    return DataSplits(*splits, "image", class_names, spec, notes=notes)

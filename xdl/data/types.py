@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,9 +18,12 @@ class Split:
 
     Images are ``N×C×H×W`` float32 in [0, 1]; tabular rows are ``N×F`` float32 after
     encoding. ``groups`` maps a sensitive column's name to one string label per row.
+    A folder too large to hold decoded is *streamed*: ``x`` is then a
+    :class:`xdl.data.stream.LazyImages` that decodes what is indexed, and whole-split
+    passes go through :meth:`iter_batches`.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor  # or LazyImages, for a streamed split
     y: torch.Tensor
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     # Each sample's row in the file it was read from (train/val: the training file or the one
@@ -38,6 +42,19 @@ class Split:
         index = torch.as_tensor(np.asarray(index), dtype=torch.long)
         groups = {k: v[index.numpy()] for k, v in self.groups.items()}
         return Split(self.x[index], self.y[index], groups, self.source_index[index.numpy()])
+
+    @property
+    def streamed(self) -> bool:
+        from xdl.data.stream import is_streamed
+
+        return is_streamed(self.x)
+
+    def iter_batches(self, batch_size: int, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(x, y, index) batches in order: tensor slices, or images decoded in worker processes."""
+        from xdl.data.stream import batches
+
+        for s, xb in batches(self.x, batch_size, device):
+            yield xb, self.y[s], torch.arange(s.start, s.stop)
 
 
 @dataclass
