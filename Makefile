@@ -13,7 +13,8 @@ $(BIN)/xdl: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]' $(TORCH)
-	# An independent FGSM for the agreement test; --no-deps because it would pull torchvision.
+	# Independent FGSM/APGD/Square/AutoAttack references for the agreement tests; --no-deps
+	# because torchattacks would pull torchvision, which does not import beside the CPU wheel.
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	touch $(BIN)/xdl
 
