@@ -173,7 +173,9 @@ class IntegratedGradients(Attribution):
     def attribute(self, ctx, x, target, params):
         from captum.attr import IntegratedGradients as CaptumIG
 
-        return CaptumIG(ctx.model).attribute(
+        from xdl.inference import fast_model
+
+        return CaptumIG(fast_model(ctx.model, x[:2].detach())).attribute(
             x, baselines=baseline(ctx, x, params.baseline), target=target, n_steps=params.steps,
             internal_batch_size=forward_budget(ctx, len(x)), return_convergence_delta=True,
         )

@@ -137,9 +137,12 @@ def expected_gradients(ctx: Context, background: torch.Tensor, target: torch.Ten
     from which references were drawn.
     """
     # Draws come from a CPU generator so that a seed gives the same values on every device.
+    from xdl.inference import fast_model
+
     g = torch.Generator().manual_seed(ctx.seed)
     out, halves = [], []
     size = len(background)
+    model = fast_model(ctx.model, ctx.x[:2].to(ctx.device))
     for s in ctx.batches(batch_size=max(1, POINTS_PER_BATCH * ctx.batch_size // draws)):
         x = ctx.x[s].to(ctx.device)
         n = len(x)
@@ -154,7 +157,7 @@ def expected_gradients(ctx: Context, background: torch.Tensor, target: torch.Ten
         alpha = alpha.view((n, draws) + (1,) * (x.dim() - 1)).to(ctx.device)
         delta = x[:, None] - ref
         points = (ref + alpha * delta).flatten(0, 1).requires_grad_(True)
-        logits = ctx.model(points)
+        logits = model(points)
         picked = logits.gather(1, target[s].to(ctx.device).repeat_interleave(draws)[:, None])
         (grad,) = torch.autograd.grad(picked.sum(), points)
         terms = (grad.view_as(delta) * delta).detach()
