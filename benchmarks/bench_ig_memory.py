@@ -71,7 +71,8 @@ def main(quick: bool = False, size: int = 8) -> list[dict]:
         file=sys.stderr,
     )
     return [{
-        "workload": f"IG peak RSS, {n} images {size}x{size}, {STEPS} steps (GB)",
+        "workload": f"IG peak RSS, {n} images {size}x{size}, {STEPS} steps (GB); baseline: captum at its default "
+                    f"(no internal_batch_size), extrapolated from {sample} images",
         "xdl": round(ours["peak_gb"], 2),
         "baseline": round(naive_full, 2),
         "ratio": round(ours["peak_gb"] / naive_full, 3),

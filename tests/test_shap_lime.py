@@ -27,7 +27,7 @@ def test_expected_gradients_agree_with_shap_gradient_explainer(digits_run):
     model, x = digits_run.model, digits_run.data.test.x[:3]
     background = digits_run.data.train.x[:30]
     target = model(x).argmax(1)
-    ours = expected_gradients(Context(model=model, x=x), background, target, 400)
+    ours, _ = expected_gradients(Context(model=model, x=x), background, target, 400, "iid")
     # ranked_outputs=1 makes shap explain only the top class (the target here), 10× cheaper.
     theirs, ranks = shap.GradientExplainer(model, background).shap_values(x, nsamples=400, rseed=0, ranked_outputs=1)
     assert torch.equal(ranks[:, 0], target)
