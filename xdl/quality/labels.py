@@ -45,12 +45,15 @@ def confident_joint(labels: np.ndarray, probs: np.ndarray, calibrate: bool = Tru
     # Several classes above their thresholds: the likeliest of those; exactly one: that one.
     guess = np.where(confident > 1, np.argmax(np.where(above, probs, -1.0), 1), probs.argmax(1))
     keep = confident > 0
-    joint = np.bincount(labels[keep] * k + guess[keep], minlength=k * k).reshape(k, k).astype(float)
+    # Counted as [true, given] and transposed (a column-major view): cleanlab's layout, see below.
+    joint = np.bincount(guess[keep] * k + labels[keep], minlength=k * k).reshape(k, k).T.astype(float, order="K")
     if not calibrate:
         return joint.astype(int)
-    counts = np.bincount(labels, minlength=k).astype(float)
-    joint = joint / np.clip(joint.sum(1, keepdims=True), 1e-12, None) * counts[:, None]
-    joint = joint / max(joint.sum(), 1e-12) * counts.sum()
+    counts = np.bincount(labels, minlength=k)
+    # Scaled through the transpose and summed in that memory layout: the same float operations,
+    # in the same order, as cleanlab's calibration, so ties in its rounding tip the same way.
+    joint = (joint.T / np.clip(joint.sum(1), 1e-12, None) * counts).T
+    joint = joint / max(np.sum(joint), 1e-12) * int(counts.sum())
     return np.stack([_round_keeping_sum(row) for row in joint])
 
 
