@@ -69,10 +69,18 @@ def test_confident_learning_by_hand():
     assert np.allclose(margin, [0.9, 0.9, 0.1, 0.9, 0.5])
 
 
-def test_labels_report_names_samples_and_caches(digits_run):
+def test_labels_report_names_samples_and_caches(digits_run, monkeypatch):
+    import xdl.training
+
     first = xdl.report(digits_run, "labels", params={"folds": 2, "epochs": 1}, save=False)
+    assert (digits_run.path / "cache" / "labels-oof" / f"{first.metrics['oof_cache']}.npz").is_file()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although the out-of-fold probabilities are cached")
+
+    monkeypatch.setattr(xdl.training, "fit", no_training)
     again = xdl.report(digits_run, "labels", params={"folds": 2, "epochs": 1}, save=False)
-    assert again.metrics["oof_cached"] and np.array_equal(first.arrays["probs"], again.arrays["probs"])
+    assert np.array_equal(first.arrays["probs"], again.arrays["probs"])
     train = digits_run.data.train
     assert first.arrays["probs"].shape == (len(train), 10)
     assert np.allclose(first.arrays["probs"].sum(1), 1, atol=1e-4)

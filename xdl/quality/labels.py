@@ -136,12 +136,14 @@ def _digest(*parts: bytes | str) -> str:
 
 
 def out_of_fold(run, data: DataSplits, split: Split, folds: int, epochs: int | None, seed: int,
-                device: torch.device, progress: bool = False) -> tuple[np.ndarray, dict]:
+                device: torch.device, progress: bool = False) -> tuple[np.ndarray, str]:
     """Probabilities for every sample of ``split`` from a model that never trained on it.
 
     Each fold trains a fresh model (the run's model and train config; ``epochs`` overrides
     the run's) on the other K−1 folds, with the run's validation split for early stopping.
-    Cached under RUN/cache/labels-oof/ keyed by everything the numbers depend on.
+    Cached under RUN/cache/labels-oof/KEY.npz, KEY a digest of everything the numbers depend
+    on (configs, seed, folds, the split's inputs and labels, the validation split); returns
+    the probabilities and KEY.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -160,7 +162,7 @@ def out_of_fold(run, data: DataSplits, split: Split, folds: int, epochs: int | N
     folder = Path(run.path) / "cache" / "labels-oof"
     cached = _read_cache(folder / f"{key}.npz", len(y), run.info["model"]["num_classes"])
     if cached is not None:
-        return cached, {**key_info, "key": key, "cached": True}
+        return cached, key
 
     counts = np.bincount(y)
     if len(y) < 2 * folds:
@@ -190,7 +192,7 @@ def out_of_fold(run, data: DataSplits, split: Split, folds: int, epochs: int | N
     np.savez_compressed(buffer, probs=probs)
     atomic_write(folder / f"{key}.npz", buffer.getvalue())
     write_json(folder / f"{key}.json", {**key_info, "probs_sha256": _digest(probs.tobytes())})
-    return probs, {**key_info, "key": key, "cached": False}
+    return probs, key
 
 
 def _quiet(_line: str) -> None:
