@@ -221,7 +221,12 @@ def test_findings_one_each(digits_run):
         assert len(found) == 1 and found[0].help and found[0].source == f"report/{method}"
 
 
-def test_tabular_runs(tabular_run):
+def test_tabular_runs(tabular_run, tmp_path):
+    from conftest import write_tabular_csv
+
     for method, params in (("labels", {"folds": 2, "epochs": 2}), ("duplicates", {}), ("ood", {})):
         result = xdl.report(tabular_run, method, params=params, save=False)
         assert result.summary
+    # Fresh rows from the same generator, encoded the run's way: indistinguishable from its test split.
+    same = xdl.report(tabular_run, "ood", other=str(write_tabular_csv(tmp_path / "more.csv", seed=1)), save=False)
+    assert 0.35 < same.metrics["auroc"]["msp"] < 0.65
