@@ -126,12 +126,15 @@ def bench_labels(run, truth: dict, folds: int, epochs: int) -> list[dict]:
     flipped = np.isin(train.source_index, truth["flipped"])
     ours = result.arrays["is_issue"]
     base = find_label_issues(train.y.numpy(), result.arrays["probs"], n_jobs=1)
+    def precision(m: np.ndarray) -> float:
+        return float((m & flipped).sum() / max(m.sum(), 1))
+
+    def recall(m: np.ndarray) -> float:
+        return float((m & flipped).sum() / max(flipped.sum(), 1))
+
     rows = []
-    for name, mask in (("precision", None), ("recall", None)):
-        def score(m):
-            hit = (m & flipped).sum()
-            return hit / max(m.sum(), 1) if name == "precision" else hit / max(flipped.sum(), 1)
-        x, b = float(score(ours)), float(score(base))
+    for name, score in (("precision", precision), ("recall", recall)):
+        x, b = score(ours), score(base)
         rows.append({"workload": f"labels {name}: {flipped.sum()} of {len(flipped)} training labels flipped, "
                                  f"{folds}-fold × {epochs} epochs ({seconds:.0f}s incl. retraining)",
                      "xdl": x, "baseline": b, "ratio": x / b if b else None,
@@ -148,7 +151,7 @@ def bench_duplicates(run, truth: dict) -> list[dict]:
     result = xdl.report(run, "duplicates", save=False)
     test = run.data.test
     n_real = truth["planted_from"]
-    group, split, source = result.arrays["group"], result.arrays["split"], result.arrays["source_index"]
+    group, source = result.arrays["group"], result.arrays["source_index"]
     train = run.data.train
     offset = {0: 0, 1: len(train), 2: len(train) + len(run.data.val)}
     # Where each training-file row sits in the concatenated [train, val, test] order.
@@ -182,7 +185,7 @@ def bench_ood(run, folder: Path) -> list[dict]:
     result = xdl.report(run, "ood", other=str(folder / "clothing.npz"), save=False)
     auroc = result.metrics["auroc"]
     best = max(auroc.values())
-    return [{"workload": f"ood: clothing stand-in (2,000, Fashion-MNIST format) vs test split, AUROC "
+    return [{"workload": "ood: clothing stand-in (2,000, Fashion-MNIST format) vs test split, AUROC "
                          + ", ".join(f"{k} {v:.3f}" for k, v in auroc.items()),
              "xdl": best, "baseline": None, "ratio": None, "target": "≥ 0.95 by one score", "met": best >= 0.95}]
 
