@@ -62,14 +62,14 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def clothing(n: int, seed: int = 1) -> np.ndarray:
-    """N×28×28 uint8 silhouettes of clothing (Fashion-MNIST-like: filled shapes, textured, centred)."""
+    """N×28×28 uint8 silhouettes of clothing (Fashion-MNIST-like: filled, textured, centred, frame-filling)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
     out = np.zeros((n, 28, 28), np.float32)
     for k in range(n):
         kind = k % 5
         cx, cy = 14 + rng.uniform(-1.5, 1.5), 14 + rng.uniform(-1.5, 1.5)
-        s = rng.uniform(0.85, 1.1)
+        s = rng.uniform(1.1, 1.35)  # items fill the frame, as Fashion-MNIST's do (digits sit in a 20×20 box)
         x, y = (xx - cx) / s, (yy - cy) / s
         if kind == 0:  # shirt: body and sleeves
             mask = ((abs(x) < 6) & (abs(y) < 10)) | ((abs(y + 6) < 3) & (abs(x) < 11 - (y + 9) * 0.4))
@@ -126,12 +126,15 @@ def bench_labels(run, truth: dict, folds: int, epochs: int) -> list[dict]:
     flipped = np.isin(train.source_index, truth["flipped"])
     ours = result.arrays["is_issue"]
     base = find_label_issues(train.y.numpy(), result.arrays["probs"], n_jobs=1)
+    def precision(m: np.ndarray) -> float:
+        return float((m & flipped).sum() / max(m.sum(), 1))
+
+    def recall(m: np.ndarray) -> float:
+        return float((m & flipped).sum() / max(flipped.sum(), 1))
+
     rows = []
-    for name, mask in (("precision", None), ("recall", None)):
-        def score(m):
-            hit = (m & flipped).sum()
-            return hit / max(m.sum(), 1) if name == "precision" else hit / max(flipped.sum(), 1)
-        x, b = float(score(ours)), float(score(base))
+    for name, score in (("precision", precision), ("recall", recall)):
+        x, b = score(ours), score(base)
         rows.append({"workload": f"labels {name}: {flipped.sum()} of {len(flipped)} training labels flipped, "
                                  f"{folds}-fold × {epochs} epochs ({seconds:.0f}s incl. retraining)",
                      "xdl": x, "baseline": b, "ratio": x / b if b else None,
@@ -148,7 +151,7 @@ def bench_duplicates(run, truth: dict) -> list[dict]:
     result = xdl.report(run, "duplicates", save=False)
     test = run.data.test
     n_real = truth["planted_from"]
-    group, split, source = result.arrays["group"], result.arrays["split"], result.arrays["source_index"]
+    group, source = result.arrays["group"], result.arrays["source_index"]
     train = run.data.train
     offset = {0: 0, 1: len(train), 2: len(train) + len(run.data.val)}
     # Where each training-file row sits in the concatenated [train, val, test] order.
@@ -182,7 +185,7 @@ def bench_ood(run, folder: Path) -> list[dict]:
     result = xdl.report(run, "ood", other=str(folder / "clothing.npz"), save=False)
     auroc = result.metrics["auroc"]
     best = max(auroc.values())
-    return [{"workload": f"ood: clothing stand-in (2,000, Fashion-MNIST format) vs test split, AUROC "
+    return [{"workload": "ood: clothing stand-in (2,000, Fashion-MNIST format) vs test split, AUROC "
                          + ", ".join(f"{k} {v:.3f}" for k, v in auroc.items()),
              "xdl": best, "baseline": None, "ratio": None, "target": "≥ 0.95 by one score", "met": best >= 0.95}]
 
@@ -203,19 +206,21 @@ def bench_scale(run, digits: np.ndarray, labels: np.ndarray, n: int) -> list[dic
     cut = [int(0.8 * n), int(0.9 * n)]
     parts = [Split(xt[a:b], yt[a:b], source=np.arange(b - a)) for a, b in zip([0, *cut], [*cut, n])]
     run.data = DataSplits(*parts, "image", [str(i) for i in range(10)], run.data.spec)  # the run now reads these
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     result = xdl.report(run, "duplicates", save=False)
-    ours = time.perf_counter() - start
+    wall, ours = time.perf_counter() - wall, time.process_time() - cpu
     _, features = logits_and_features(run.model, xt, torch.device("cpu"))
-    unit = torch.nn.functional.normalize(features, dim=1).numpy()
-    start = time.perf_counter()
+    unit = torch.nn.functional.normalize(features - features[: cut[0]].mean(0), dim=1).numpy()
+    cpu = time.process_time()
     # The textbook alternative: all neighbours within the same cosine radius, brute force in sklearn.
-    NearestNeighbors(radius=np.sqrt(2 - 2 * 0.95), algorithm="brute").fit(unit).radius_neighbors(unit, return_distance=False)
-    base = time.perf_counter() - start
-    return [{"workload": f"duplicates over {n:,} 28×28 images (5,000 digits × {reps} shifts): whole analyzer incl. "
-                         f"features; baseline sklearn brute radius_neighbors on features only; "
-                         f"{result.metrics['near_pairs']:,} near pairs",
-             "xdl": ours, "baseline": base, "ratio": ours / base, "target": "< 60 s on 2 cores", "met": ours < 60}]
+    NearestNeighbors(radius=np.sqrt(2 - 2 * 0.8), algorithm="brute").fit(unit).radius_neighbors(unit, return_distance=False)
+    base = time.process_time() - cpu
+    # CPU seconds of this process (both threads): robust to the other agents' load, and an
+    # upper bound on the wall time of the same work on 2 idle cores.
+    return [{"workload": f"duplicates over {n:,} 28×28 images (5,000 digits × {reps} shifts), CPU s: whole analyzer incl. "
+                         f"features ({wall:.0f}s wall under load); baseline sklearn brute radius_neighbors on features "
+                         f"only; {result.metrics['near_pairs']:,} near pairs",
+             "xdl": ours, "baseline": base, "ratio": ours / base, "target": "< 60 s on 2 cores (CPU s < 60)", "met": ours < 60}]
 
 
 def main(quick: bool = False, mnist: str | Path = DEFAULT_MNIST) -> list[dict]:

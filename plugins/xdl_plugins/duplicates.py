@@ -1,10 +1,11 @@
 """Duplicates: exact and near copies within and across splits, and the leakage they cause.
 
 Exact copies share every byte of the loaded sample (grouped by sorting, not hashing). Near
-copies have penultimate features (the input of the last nn.Linear) with cosine similarity
-at or above ``feature_threshold`` and, for images, DCT perceptual hashes (Zauner 2010) at
-most ``hash_distance`` of 63 bits apart: both must agree, so a lightly noised or shifted
-copy is found while two different digits of one class are not. All pairs come from chunked
+copies have penultimate features (the input of the last nn.Linear, centred on the training
+mean) with cosine similarity at or above ``feature_threshold`` and, for images, DCT perceptual
+hashes (Zauner 2010) at most ``hash_distance`` of 195 bits apart: both must agree, so a lightly
+noised or shifted copy is found while two different digits of one class are not. Tabular rows
+have no hash, so their feature threshold defaults higher. All pairs come from chunked
 matrix products over every split at once, never a Python loop over pairs. A test sample
 with a copy in train or validation is leaked: the test accuracy is recomputed without them.
 
@@ -30,16 +31,18 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class DuplicatesParams:
-    feature_threshold: float = 0.95  # cosine similarity of penultimate features
-    hash_distance: int = 10  # max differing bits of the 63-bit perceptual hash (images)
+    # Cosine similarity of centred penultimate features; default 0.8 for images, where the hash
+    # must agree too, 0.99 for tabular rows, where the features decide alone.
+    feature_threshold: float | None = None
+    hash_distance: int = 16  # max differing bits of the 195-bit perceptual hash (images)
     chunk: int = 1024  # rows per matrix product: memory is chunk × all samples × 4 bytes
     max_rows: int = 5000  # rows kept in each table; arrays.npz holds every pair
 
     def __post_init__(self) -> None:
-        if not -1 <= self.feature_threshold <= 1:
+        if self.feature_threshold is not None and not -1 <= self.feature_threshold <= 1:
             raise ValueError(f"feature_threshold is a cosine similarity in [-1, 1], got {self.feature_threshold}")
-        if not 0 <= self.hash_distance <= 63:
-            raise ValueError(f"hash_distance must be 0..63 bits, got {self.hash_distance}")
+        if not 0 <= self.hash_distance <= 195:
+            raise ValueError(f"hash_distance must be 0..195 bits, got {self.hash_distance}")
         if not 1 <= self.chunk <= 65536:
             raise ValueError(f"chunk must be 1..65536, got {self.chunk}")
         if not 1 <= self.max_rows <= 1_000_000:
@@ -68,6 +71,8 @@ class Duplicates(Analyzer):
         exact = dup.exact_groups(x.numpy())
         first = np.unique(exact, return_index=True)[1][exact]  # every exact copy joins its group's first member
         exact_edges = np.flatnonzero(first != np.arange(len(x)))
+        # Centred: ReLU features are all non-negative, so raw cosines of unrelated samples sit near 1.
+        features = features - features[torch.as_tensor(split == 0)].mean(0)
         i, j, cos, bits = self._near(ctx, params, x, features)
         near = exact[i] != exact[j]  # copies with identical bytes are already exact
         i, j, cos = i[near], j[near], cos[near]
@@ -132,19 +137,22 @@ class Duplicates(Analyzer):
     def _near(ctx: Context, params: DuplicatesParams, x: torch.Tensor, features: torch.Tensor):
         """Near pairs (i < j) with cosine ≥ threshold and, for images, hash distance ≤ limit."""
         unit = F.normalize(features, dim=1)
+        threshold = params.feature_threshold
         if ctx.kind != "image":
-            i, j, cos = dup.similar_pairs(unit, params.feature_threshold, chunk=params.chunk, progress=ctx.progress)
+            threshold = 0.99 if threshold is None else threshold
+            i, j, cos = dup.similar_pairs(unit, threshold, chunk=params.chunk, progress=ctx.progress)
             return i, j, cos, None
+        threshold = 0.8 if threshold is None else threshold
         bits = dup.phash(x)
         # One pass over [features, hash] / √2: the mean of both similarities bounds each from below,
         # so every pair meeting both thresholds is a candidate; each threshold is checked exactly after.
         hash_floor = 1 - 2 * params.hash_distance / bits.shape[1]
         both = torch.cat([unit, dup.signs(bits)], 1) / np.sqrt(2)
-        i, j, _ = dup.similar_pairs(both, (params.feature_threshold + hash_floor) / 2 - 1e-6, chunk=params.chunk,
+        i, j, _ = dup.similar_pairs(both, (threshold + hash_floor) / 2 - 1e-6, chunk=params.chunk,
                                     progress=ctx.progress)
         cos = (unit[torch.as_tensor(i)] * unit[torch.as_tensor(j)]).sum(1).numpy()
         distance = dup.hamming(bits, i, j)
-        keep = (cos >= params.feature_threshold) & (distance <= params.hash_distance)
+        keep = (cos >= threshold) & (distance <= params.hash_distance)
         return i[keep], j[keep], cos[keep], distance[keep]
 
     @classmethod

@@ -80,7 +80,7 @@ class Labels(Analyzer):
         result.metrics.update(
             issues=int(issues.sum()), samples=len(given), issue_rate=rate, split=params.split,
             oof_accuracy=float((suggested == given).mean()), estimated_noise_rate=float(1 - np.trace(joint) / max(joint.sum(), 1)),
-            folds=params.folds, oof_cache=cache["key"], oof_cached=cache["cached"],
+            folds=params.folds, oof_cache=cache,
         )
         result.summary = (f"{int(issues.sum())} of {len(given)} {params.split} labels ({rate:.1%}) look wrong by confident "
                           f"learning on {params.folds}-fold out-of-fold probabilities; see label_issues.csv")

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +44,15 @@ def confident_joint(labels: np.ndarray, probs: np.ndarray, calibrate: bool = Tru
     # Several classes above their thresholds: the likeliest of those; exactly one: that one.
     guess = np.where(confident > 1, np.argmax(np.where(above, probs, -1.0), 1), probs.argmax(1))
     keep = confident > 0
-    joint = np.bincount(labels[keep] * k + guess[keep], minlength=k * k).reshape(k, k).astype(float)
+    # Counted as [true, given] and transposed (a column-major view): cleanlab's layout, see below.
+    joint = np.bincount(guess[keep] * k + labels[keep], minlength=k * k).reshape(k, k).T.astype(float, order="K")
     if not calibrate:
         return joint.astype(int)
-    counts = np.bincount(labels, minlength=k).astype(float)
-    joint = joint / np.clip(joint.sum(1, keepdims=True), 1e-12, None) * counts[:, None]
-    joint = joint / max(joint.sum(), 1e-12) * counts.sum()
+    counts = np.bincount(labels, minlength=k)
+    # Scaled through the transpose and summed in that memory layout: the same float operations,
+    # in the same order, as cleanlab's calibration, so ties in its rounding tip the same way.
+    joint = (joint.T / np.clip(joint.sum(1), 1e-12, None) * counts).T
+    joint = joint / max(np.sum(joint), 1e-12) * int(counts.sum())
     return np.stack([_round_keeping_sum(row) for row in joint])
 
 
@@ -133,12 +135,14 @@ def _digest(*parts: bytes | str) -> str:
 
 
 def out_of_fold(run, data: DataSplits, split: Split, folds: int, epochs: int | None, seed: int,
-                device: torch.device, progress: bool = False) -> tuple[np.ndarray, dict]:
+                device: torch.device, progress: bool = False) -> tuple[np.ndarray, str]:
     """Probabilities for every sample of ``split`` from a model that never trained on it.
 
     Each fold trains a fresh model (the run's model and train config; ``epochs`` overrides
     the run's) on the other K−1 folds, with the run's validation split for early stopping.
-    Cached under RUN/cache/labels-oof/ keyed by everything the numbers depend on.
+    Cached under RUN/cache/labels-oof/KEY.npz, KEY a digest of everything the numbers depend
+    on (configs, seed, folds, the split's inputs and labels, the validation split); returns
+    the probabilities and KEY.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -157,7 +161,7 @@ def out_of_fold(run, data: DataSplits, split: Split, folds: int, epochs: int | N
     folder = Path(run.path) / "cache" / "labels-oof"
     cached = _read_cache(folder / f"{key}.npz", len(y), run.info["model"]["num_classes"])
     if cached is not None:
-        return cached, {**key_info, "key": key, "cached": True}
+        return cached, key
 
     counts = np.bincount(y)
     if len(y) < 2 * folds:
@@ -187,7 +191,7 @@ def out_of_fold(run, data: DataSplits, split: Split, folds: int, epochs: int | N
     np.savez_compressed(buffer, probs=probs)
     atomic_write(folder / f"{key}.npz", buffer.getvalue())
     write_json(folder / f"{key}.json", {**key_info, "probs_sha256": _digest(probs.tobytes())})
-    return probs, {**key_info, "key": key, "cached": False}
+    return probs, key
 
 
 def _quiet(_line: str) -> None:
