@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,3 +109,58 @@ def test_a_tampered_reference_model_is_retrained(overfit_run):
     newest.write_bytes(newest.read_bytes()[:-4] + b"\0\0\0\0")
     again = xdl.report(overfit_run, "privacy", params={"shadows": 2, "members": 40}, save=False, device="cpu")
     assert [r["reused"] for r in again.tables["reference_models"]].count(True) == 1
+
+
+# ------------------------------------------------------------------------- DP training
+
+
+def test_dp_training_spends_at_most_its_budget_and_records_it(tmp_path, capsys):
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from xdl.analyzers import load_analyzer
+    from xdl.cli.main import main
+
+    run = xdl.train("digits", "mlp", tmp_path / "dp", epochs=2, batch_size=64, dp_epsilon=2.0, device="cpu",
+                    data_options={"limit": 400}, model_options={"hidden": [32], "batch_norm": True})
+    err = capsys.readouterr().err
+    assert "differential privacy: replaced 3: BatchNorm1d → GroupNorm" in err  # every change is named
+    spent, history = run.metrics["dp_epsilon"], run.history
+    assert 1.0 < spent <= 2.0 and history[0]["dp_epsilon"] < spent == history[-1]["dp_epsilon"]
+    # The accountant's ε is RDP's for the noise, sampling rate and step count used (Mironov 2017).
+    # Opacus' Poisson loader keeps the plain loader's length, ⌈N / batch⌉ steps an epoch, at q = 1 / that.
+    per_epoch, sigma = math.ceil(len(run.data.train) / 64), history[0]["dp_noise_multiplier"]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = compute_rdp(q=1 / per_epoch, noise_multiplier=sigma, steps=2 * per_epoch, orders=orders)
+    expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    assert spent == pytest.approx(expected, rel=1e-6)
+    # run.json rebuilds the private-trainable model, and the privacy report's finding quotes ε.
+    assert run.info["model"]["dp_compatible"] and run.info["train"]["dp_epsilon"] == 2.0
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in xdl.load(run.path).model.modules())
+    result = xdl.report(run, "privacy", params={"shadows": 0}, save=False)
+    assert "ε = " in load_analyzer("report", "privacy").findings(result)[0].label
+    with pytest.raises(SystemExit):
+        main(["info", str(run.path)])
+    assert f"spent ε = {spent:.3f} of 2" in capsys.readouterr().out
+
+
+class _BufferedScale(torch.nn.Module):
+    """A trainable layer with a buffer: Opacus has no per-record gradient for it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+        self.register_buffer("shift", torch.zeros(width))
+
+    def forward(self, x):
+        return x * self.weight + self.shift
+
+
+def incompatible(in_shape, num_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(in_shape)), num_classes),
+                               _BufferedScale(num_classes))
+
+
+def test_an_incompatible_model_is_refused_in_one_sentence(tmp_path):
+    with pytest.raises(xdl.errors.XdlError, match="cannot be trained with differential privacy"):
+        xdl.train("digits", "test_privacy:incompatible", tmp_path / "x", epochs=1, dp_epsilon=3.0, quiet=True,
+                  device="cpu", data_options={"limit": 100})
