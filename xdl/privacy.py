@@ -178,6 +178,7 @@ def reference_models(
     model whose key and digest match is loaded instead of trained. Returns the models (eval
     mode, on ``device``), the K×N IN matrix and one record per model (its key, file, whether reused).
     """
+    from xdl.io import write_json
     from xdl.models import build_model, set_normalization
     from xdl.run import load_weights, save_weights
     from xdl.training import TrainConfig, fit
@@ -189,12 +190,15 @@ def reference_models(
     for k in range(count):
         key = _digest({"model": model_cfg, "train": train_cfg, "data": data.spec, "population": population_id,
                        "count": count, "index": k, "seed": seed})[:24]
-        net = build_model(model_cfg, in_shape, classes)
         weights = cache / f"{key}.safetensors" if cache else None
         meta = cache / f"{key}.json" if cache else None
         if weights is not None and weights.is_file() and meta.is_file():
-            record = json.loads(meta.read_text(encoding="utf-8"))
-            if record.get("key") == key and record.get("weights_sha256") == _file_digest(weights):
+            try:
+                record = json.loads(meta.read_text(encoding="utf-8"))
+            except (ValueError, OSError):  # a damaged record only costs retraining this model
+                record = {}
+            if isinstance(record, dict) and record.get("key") == key and record.get("weights_sha256") == _file_digest(weights):
+                net = build_model(model_cfg, in_shape, classes)
                 load_weights(net, weights)
                 models.append(net.to(device).eval())
                 records.append({"model": k, "key": key, "reused": True, "trained_on": int(keep[k].sum()), "file": str(weights)})
@@ -215,8 +219,6 @@ def reference_models(
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             save_weights(net, weights)
-            from xdl.io import write_json
-
             write_json(meta, {"key": key, "weights_sha256": _file_digest(weights), "model": model_cfg,
                               "train": {**train_cfg, "seed": cfg.seed}, "data": data.spec,
                               "population": population_id, "index": k, "count": count, "seed": seed,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from xdl.analyzers import Analyzer, Context, Finding, Result
+from xdl.data.types import Split
 from xdl.errors import XdlError
 from xdl.privacy import attack_metrics, lira_offline, reference_models, roc_points, signals, threshold_scores
 
@@ -173,9 +174,7 @@ def _name(attack: str) -> str:
             "entropy": "entropy threshold"}[attack]
 
 
-def _concat(a, b):
-    from xdl.data.types import Split
-
+def _concat(a: Split, b: Split) -> Split:
     return Split(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]))
 
 
