@@ -259,6 +259,14 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
             add(kind, "--eps -1", *base, "--eps", "-1")
             add(kind, "--eps abc", *base, "--eps", "abc")
 
+    # ---- differential privacy (xdl train --dp-epsilon, xdl/dp.py) ----
+    for flags in (["--dp-epsilon", "0"], ["--dp-epsilon", "-1"], ["--dp-epsilon", "nan"], ["--dp-epsilon", "inf"],
+                  ["--dp-epsilon", "3", "--dp-delta", "0.5"],  # δ ≥ 1/N for the ~40 training rows
+                  ["--dp-epsilon", "3", "--dp-delta", "0"], ["--dp-epsilon", "3", "--dp-max-grad-norm", "0"],
+                  ["--dp-epsilon", "3", "--mixup", "0.2"], ["--dp-epsilon", "3", "--grad-clip", "1"]):
+        add("train", " ".join(flags), *TRAIN, *flags, "--out", r / "new-run")
+    # ---- end of differential privacy ----
+
     add("plugins", "extra argument", "plugins", "surplus")
     add("plugins", "unknown option", "plugins", "--bogus")
     add("xdl", "unknown command", "frobnicate")

@@ -75,6 +75,11 @@ def train(
     # Seed before building so the initial weights, too, follow from the seed.
     seed_everything(cfg.seed)
     net = build_model(mcfg, splits.input_shape, splits.num_classes)
+    if cfg.dp_epsilon is not None:
+        from xdl.dp import make_compatible
+
+        net = make_compatible(net, log)
+        mcfg["dp_compatible"] = True  # run.json rebuilds the same, private-trainable layers
     set_normalization(net, splits.train.x)
     if not resume:
         if init_weights is not None:
@@ -93,6 +98,8 @@ def train(
     metrics = final_metrics(net, splits, device)
     metrics["train_seconds"] = seconds
     metrics["epochs_run"] = len(history)
+    if cfg.dp_epsilon is not None:  # the ε the accountant says the whole run spent (≤ the target)
+        metrics["dp_epsilon"] = history[-1]["dp_epsilon"]
     if not world.main:
         distributed.leave(world)
         return None

@@ -150,7 +150,12 @@ def model_config(model: str | dict = "auto", kind: str = "image", **overrides) -
 
 def build_model(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the (untrained) model a config describes; the same call rebuilds a saved run."""
-    return BUILDERS[config["name"]](config, tuple(in_shape), num_classes)
+    model = BUILDERS[config["name"]](config, tuple(in_shape), num_classes)
+    if config.get("dp_compatible"):  # trained with differential privacy: the same replaced layers
+        from xdl.dp import make_compatible
+
+        model = make_compatible(model)
+    return model
 
 
 def set_normalization(model: nn.Module, x: torch.Tensor) -> None:

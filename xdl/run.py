@@ -172,10 +172,11 @@ class Run:
     def result_dir(self, kind: str, method: str, force: bool = False) -> Path:
         """Where a new result would go: METHOD/, or METHOD-2/, -3/ … unless ``force`` replaces it."""
         base = self.path / kind / method
-        if force or not base.exists():
+        # A folder with no result.json holds only an analyzer's cache: the result belongs there.
+        if force or not (base / "result.json").exists():
             return base
         n = 2
-        while (self.path / kind / f"{method}-{n}").exists():
+        while (self.path / kind / f"{method}-{n}" / "result.json").exists():
             n += 1
         return self.path / kind / f"{method}-{n}"
 

@@ -59,6 +59,10 @@ class TrainConfig:
     amp: bool = True  # bf16/fp16 autocast, on CUDA only
     compile: bool = False  # torch.compile the training forward/backward; pays off on GPUs after a slow first epoch
     seed: int = 0
+    # Differential privacy (xdl.dp, Opacus): off unless dp_epsilon is set.
+    dp_epsilon: float | None = None  # total privacy budget ε of the run
+    dp_delta: float = 1e-5  # δ of the (ε, δ) guarantee; must be below 1/N
+    dp_max_grad_norm: float = 1.0  # per-record gradient clip C, in gradient-norm units
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -85,6 +89,10 @@ class TrainConfig:
             raise XdlError(f"adv-eps must be > 0, got {self.adv_eps}")
         if self.adv_steps < 1:
             raise XdlError(f"adv-steps must be ≥ 1, got {self.adv_steps}")
+        if self.dp_epsilon is not None:
+            from xdl.dp import check_config
+
+            check_config(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -222,6 +230,10 @@ def fit(
     A NaN or infinite loss raises :class:`TrainingDiverged`, leaving the last good checkpoint.
     """
     log = log or (lambda line: print(line, file=sys.stderr))
+    if cfg.dp_epsilon is not None:  # DP-SGD samples, clips and noises its own way: xdl.dp's loop
+        from xdl.dp import fit_private
+
+        return fit_private(model, data, cfg, log, progress, checkpoint_dir, resume)
     world = distributed.current()
     device = distributed.local_device(cfg.device, world)
     if data.kind == "tabular" and set(cfg.augment) - {"noise"}:

@@ -330,6 +330,10 @@ class Result:
                 # it never stops existing, so no concurrent claim can take its name meanwhile.
                 os.replace(folder, target)
             elif target.exists():
+                # A result is flat files; a subfolder is an analyzer's cache (privacy's reference
+                # models), keyed by what it was computed from, so it outlives the result it served.
+                for cache in (c for c in target.iterdir() if c.is_dir()):
+                    os.replace(cache, folder / cache.name)
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
                 os.replace(target, old / "result")
                 os.replace(folder, target)

@@ -24,6 +24,10 @@ def command(run: str, as_json: bool) -> None:
     click.echo(f"data       {info['data'].get('name')}  {(info.get('dataset') or {}).get('sizes', '')}")
     click.echo(f"model      {json.dumps({k: v for k, v in info['model'].items()})}")
     click.echo(f"training   {json.dumps(info['train'])}")
+    if info["train"].get("dp_epsilon") is not None and "dp_epsilon" in info.get("metrics", {}):
+        t = info["train"]
+        click.echo(f"privacy    differentially private (DP-SGD): spent ε = {info['metrics']['dp_epsilon']:.3f} of "
+                   f"{t['dp_epsilon']:g} at δ = {t['dp_delta']:g}, per-record gradient norm ≤ {t['dp_max_grad_norm']:g}")
     for key, value in info.get("metrics", {}).items():
         click.echo(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")
     card = info.get("compute")
