@@ -297,6 +297,12 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
     add("import", "--classes too few", *imp, m["logits"], "--classes", "a,b")
     add("import", "--out holds a run", "import", "-q", m["logits"], "--out", w["run"])
 
+    # Issue 14, streamed image folders: image options and a broken file found by the header probe.
+    add("train", "--input-size 0", *TRAIN, "--data", r / "mixed_sizes", "--input-size", "0")
+    add("train", "--input-size abc", *TRAIN, "--data", r / "mixed_sizes", "--input-size", "abc")
+    add("train", "--color purple", *TRAIN, "--data", r / "mixed_sizes", "--color", "purple")
+    add("train", "corrupt image with --input-size", *TRAIN, "--data", r / "corrupt_image", "--input-size", "8")
+
     security_rows(w, add)
     return rows
 

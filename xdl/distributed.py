@@ -212,7 +212,10 @@ def analyze_shards(analyzer: Any, ctx: Any, params: Any, world: World) -> Any:
     """
     import dataclasses
 
+    import numpy as np
+
     from xdl.analyzers.base import analyze
+    from xdl.data.stream import select
 
     if len(ctx.x) < world.size:
         result = analyze(analyzer, ctx, params)
@@ -220,7 +223,7 @@ def analyze_shards(analyzer: Any, ctx: Any, params: Any, world: World) -> Any:
     part = shard_range(len(ctx.x), world)
     shard = dataclasses.replace(
         ctx,
-        x=ctx.x[part],
+        x=select(ctx.x, np.arange(len(ctx.x))[part]),  # a streamed split's share stays undecoded
         y=None if ctx.y is None else ctx.y[part],
         groups={k: v[part] for k, v in ctx.groups.items()},
         indices=None if ctx.indices is None else ctx.indices[part],

@@ -158,8 +158,8 @@ class Activations(Analyzer):
         x = ctx.data.test.x if ctx.data is not None else ctx.x
         stats = {name: Stats() for name in layers}
         with hooked(layers, lambda name, out: stats[name].update(out)), torch.no_grad():
-            for batch in ctx.batches(len(x)):
-                ctx.model(x[batch].to(ctx.device))
+            for _, xb in ctx.stream(x):
+                ctx.model(xb)
         rows = [stats[name].row(name, module) for name, module in layers.items() if stats[name].counts]
         result.tables["layers"] = rows
         silent = [name for name in layers if not stats[name].counts]

@@ -114,8 +114,8 @@ def penultimate(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     handle = head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach().flatten(1).cpu()))
     predicted = []
     try:
-        for batch in ctx.batches():
-            predicted.append(ctx.model(ctx.x[batch].to(ctx.device)).argmax(-1).cpu())
+        for _, xb in ctx.stream():
+            predicted.append(ctx.model(xb).argmax(-1).cpu())
     finally:
         handle.remove()
     return torch.cat(captured).float().numpy(), torch.cat(predicted).numpy()

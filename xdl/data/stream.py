@@ -15,6 +15,7 @@ decode with the same function, so a result does not depend on it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -107,7 +108,33 @@ def _to_float(batch: torch.Tensor | str, device: torch.device | None) -> torch.T
     return batch.float().div_(255.0)
 
 
+def _return_big_buffers() -> None:
+    """Have glibc give batch-sized buffers back to the OS when they are freed.
+
+    After the first large free glibc raises its mmap threshold and serves later batch-sized
+    tensors from the heap, where the small tensors kept per batch (per-sample metrics) pin
+    the freed space: the process then grows with the number of batches, not their size
+    (measured: +500 MiB over 34 FGSM batches of 7 MiB). A fixed threshold, as the
+    MALLOC_MMAP_THRESHOLD_ variable would set, keeps every buffer over 1 MiB in its own
+    mapping. Only streaming sets it; elsewhere (macOS, musl) there is nothing to do.
+    """
+    global _BUFFERS_RETURNED
+    if _BUFFERS_RETURNED:
+        return
+    _BUFFERS_RETURNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_BUFFERS_RETURNED = False
+
+
 def _loader(dataset: Dataset, **options) -> DataLoader:
+    _return_big_buffers()
     count = workers()
     # Its own generator: iterating a DataLoader draws a worker seed, which from the global
     # generator would shift every later random draw (PGD's start, dropout) against the in-memory path.
