@@ -36,6 +36,8 @@ from xdl.cli.options import csv_ints, csv_strs
               help="train on adversarial batches: fgsm (random start, Wong et al. 2020) or pgd (Madry et al. 2018)")
 @click.option("--adv-eps", type=float, default=0.1, show_default=True, help="attack radius (L∞) for --adv-train, in input units")
 @click.option("--adv-steps", type=int, default=10, show_default=True, help="PGD steps for --adv-train pgd")
+@click.option("--adv-step", type=float, default=1.25, show_default=True,
+              help="FGSM step for --adv-train fgsm, as a multiple of --adv-eps (a PGD-10 guard stops catastrophic overfitting)")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="mixed precision on CUDA")
 @click.option("--compile", is_flag=True, help="torch.compile the model for training (GPU; the first epoch is slower)")
