@@ -90,8 +90,10 @@ def test_square_breaks_a_model_gradients_cannot(digits):
     masked = Quantized(model).eval()
     torch.manual_seed(0)
     clean = _accuracy(masked, x, y)
-    assert _accuracy(masked, apgd(masked, x, y, 0.3, steps=10), y) >= clean - 1 / N  # zero gradient: APGD is stuck
-    assert _accuracy(masked, square(masked, x, y, 0.3, queries=200), y) < clean - 0.2
+    # Zero gradient: APGD only gets what its random start happens to break.
+    stuck = _accuracy(masked, apgd(masked, x, y, 0.3, steps=10), y)
+    assert stuck >= clean - 0.1
+    assert _accuracy(masked, square(masked, x, y, 0.3, queries=200), y) < stuck - 0.2
 
 
 def test_autoattack_is_the_per_sample_worst_case(digits):

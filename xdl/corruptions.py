@@ -35,7 +35,7 @@ LEVELS: dict[str, tuple] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # std
     "shot_noise": (500, 250, 100, 75, 50),  # photons per unit intensity
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),  # share of pixels set to 0 or 1
-    "defocus_blur": (0.6, 0.9, 1.2, 1.6, 2.0),  # disk radius, pixels
+    "defocus_blur": (1.0, 1.5, 2.0, 2.5, 3.0),  # disk radius, pixels
     "motion_blur": (2, 3, 4, 5, 6),  # streak length, pixels
     "zoom_blur": (0.06, 0.11, 0.16, 0.21, 0.26),  # largest zoom − 1
     "glass_blur": ((0.5, 1, 1), (0.7, 1, 1), (0.9, 1, 1), (0.7, 1, 2), (0.9, 2, 2)),  # (blur sigma, max shift px, rounds)
@@ -114,10 +114,11 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def _defocus_blur(x, radius, scale, g):
-    r = radius * scale
+    r = max(radius * scale, 0.6)  # below that, a small image's disk would be one pixel: no blur
     size = math.ceil(r)
     t = torch.arange(-size, size + 1, dtype=torch.float32)
-    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= r**2).float()
+    # Anti-aliased edge: a pixel half inside the circle counts half.
+    disk = (r + 0.5 - (t[:, None] ** 2 + t[None, :] ** 2).sqrt()).clamp(0, 1)
     return _conv(x, disk / disk.sum())
 
 
