@@ -149,3 +149,19 @@ def test_autoattack_analyzer_result_and_findings(digits_run):
     assert found[0].label.startswith("AutoAttack robust accuracy") and found[0].help
     assert found[1].label == "Gradient-masking checks"
     assert (found[1].level == "warn") == bool(m["masking_checks_failed"])
+
+
+@pytest.mark.parametrize("choice,expected", [("autoattack", ["attack/autoattack"]), ("pgd", ["attack/pgd"])])
+def test_audit_attack_choice(digits_run, tmp_path, choice, expected):
+    import shutil
+
+    run = shutil.copytree(digits_run.path, tmp_path / "run")
+    # AutoAttack's parts (apgd, square) are not run again beside it; with pgd, none of the three runs.
+    page = xdl.audit(run, only=["attack"], skip=["fgsm", "corruptions", *(["pgd"] if choice == "autoattack" else [])],
+                     samples=12, progress=False, audit_attack=choice)
+    assert [s.key for s in page.sections] == expected
+    assert all(s.status == "computed" for s in page.sections), [s.error for s in page.sections]
+    if choice == "autoattack":
+        result = page.sections[0].result
+        assert result.params["steps"] == 25 and result.params["queries"] == 300  # the audit's budget
+        assert "masking_checks" in result.tables
