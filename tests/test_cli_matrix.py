@@ -267,6 +267,20 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
         add("train", " ".join(flags), *TRAIN, *flags, "--out", r / "new-run")
     # ---- end of differential privacy ----
 
+    # ---- issue 17: AutoAttack, APGD, Square, corruptions, --audit-attack, --adv-step ----
+    attack = ["attack", w["run"], "-n", "2", "-q", "--method"]
+    add("attack", "autoattack norm=l3", *attack, "autoattack", "-p", "norm=l3")
+    add("attack", "autoattack steps=0", *attack, "autoattack", "-p", "steps=0")
+    add("attack", "autoattack queries=-1", *attack, "autoattack", "-p", "queries=-1")
+    add("attack", "apgd loss=mse", *attack, "apgd", "-p", "loss=mse")
+    add("attack", "apgd restarts=0", *attack, "apgd", "-p", "restarts=0")
+    add("attack", "square queries=0", *attack, "square", "-p", "queries=0")
+    add("attack", "square eps beyond the pixel range", *attack, "square", "--eps", "2")
+    add("attack", "corruptions unknown type", *attack, "corruptions", "-p", "types=snow")
+    add("attack", "corruptions severity 6", *attack, "corruptions", "-p", "severities=6")
+    add("audit", "--audit-attack fab", "audit", w["run"], "--audit-attack", "fab")
+    add("train", "--adv-step 0", *TRAIN, "--adv-train", "fgsm", "--adv-step", "0", "--out", r / "new-run")
+
     add("plugins", "extra argument", "plugins", "surplus")
     add("plugins", "unknown option", "plugins", "--bogus")
     add("xdl", "unknown command", "frobnicate")

@@ -35,6 +35,11 @@ from xdl.run import Run
 # clean accuracy, for reference) to 0.3, where small digit models are usually broken.
 FGSM_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3)
 DEFAULT_EPS = 0.1  # PGD's eps, the one the summary's robust accuracy is quoted at
+# The audit's headline attack. AutoAttack's budget (APGD steps, APGD-T targets, Square
+# queries) keeps the digits audit under 2 minutes on a CPU; `xdl attack` runs the full one.
+AUDIT_ATTACKS = ("autoattack", "pgd")
+AUTOATTACK_BUDGET = {"steps": "25", "targets": "3", "queries": "300"}
+AUTOATTACK_PARTS = ("apgd", "square")  # AutoAttack runs them itself
 
 
 # -----------------------------------------------------------------------------------------
@@ -165,6 +170,7 @@ def audit(
     device: str = "auto",
     progress: bool = True,
     trust_code: bool = False,
+    audit_attack: str = "autoattack",
 ) -> Audit:
     """Run every applicable analyzer on ``run`` and write RUN/audit.html and RUN/audit.json.
 
@@ -184,7 +190,7 @@ def audit(
     if not eps > 0:
         raise XdlError(f"--eps must be > 0, got {eps}")
     resolve_device(device)  # a missing GPU is the user's error, before any analyzer fails on it
-    plugins = select(discover(), only, skip)
+    plugins = _attack_choice(select(discover(), only, skip), audit_attack, only)
     probe = _probe(run)
     if probe.input_range is not None and eps > probe.input_range[1] - probe.input_range[0]:
         lo, hi = probe.input_range
@@ -217,7 +223,7 @@ def audit(
     result = Audit(
         run=run, sections=sections, findings=findings(run, sections), not_applicable=not_applicable,
         settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
-                  "fgsm_sweep": list(FGSM_SWEEP), "device": device},
+                  "fgsm_sweep": list(FGSM_SWEEP), "device": device, "audit_attack": audit_attack},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     result.seconds = time.perf_counter() - started
@@ -253,7 +259,19 @@ def audit_params(kind: str, method: str, data_kind: str, eps: float) -> dict[str
         return {"eps": ",".join(map(str, FGSM_SWEEP))}
     if kind == "attack" and method == "pgd":
         return {"eps": str(eps)}
+    if kind == "attack" and method == "autoattack":
+        return {"eps": str(eps), **AUTOATTACK_BUDGET}
     return {}
+
+
+def _attack_choice(plugins: list[PluginInfo], audit_attack: str, only: list[str] | None) -> list[PluginInfo]:
+    """With --audit-attack pgd, no AutoAttack; with autoattack, not its parts again (unless --only names them)."""
+    if audit_attack not in AUDIT_ATTACKS:
+        raise XdlError(f"unknown --audit-attack {audit_attack!r}: choose {' or '.join(AUDIT_ATTACKS)}")
+    left_out = ("autoattack", *AUTOATTACK_PARTS) if audit_attack == "pgd" else AUTOATTACK_PARTS
+    named = set(only or [])
+    return [p for p in plugins
+            if not (p.kind == "attack" and p.name in left_out and not named & {p.name, f"attack/{p.name}"})]
 
 
 def _probe(run: Run) -> Context:

@@ -131,7 +131,9 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def train_attack(method: str, eps: float, steps: int, data: DataSplits, device: torch.device) -> TrainAttack | None:
+def train_attack(
+    method: str, eps: float, steps: int, data: DataSplits, device: torch.device, fgsm_step: float = 1.25
+) -> TrainAttack | None:
     """What adversarial training (``TrainConfig.adv_train``) does to each batch; None for "none".
 
     The returned function runs in whatever mode the model is in — train mode during
@@ -153,8 +155,8 @@ def train_attack(method: str, eps: float, steps: int, data: DataSplits, device: 
 
     def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if method == "fgsm":
-            # Wong et al. 2020 ("Fast is better than free"): random start, step 1.25·eps.
-            return fgsm(model, x, y, eps, random_start=True, step_size=1.25 * eps, input_range=box, mask=mask)
+            # Wong et al. 2020 ("Fast is better than free"): random start, step 1.25·eps by default.
+            return fgsm(model, x, y, eps, random_start=True, step_size=fgsm_step * eps, input_range=box, mask=mask)
         return pgd(model, x, y, eps, steps, random_start=True, input_range=box, mask=mask)
 
     return attack

@@ -21,6 +21,7 @@ from torch import nn
 from xdl import checkpoint
 from xdl import distributed
 from xdl import robust
+from xdl.coguard import CatastrophicOverfitGuard
 from xdl.data import stream
 from xdl.data.types import DataSplits, Split
 from xdl.device import seed_everything
@@ -55,6 +56,7 @@ class TrainConfig:
     adv_train: str = "none"  # none | fgsm (random start, Wong et al. 2020) | pgd (Madry et al. 2018)
     adv_eps: float = 0.1  # L∞ radius of the training attack, in input units (pixels in [0, 1])
     adv_steps: int = 10  # PGD steps, each 2.5·eps/steps
+    adv_step: float = 1.25  # FGSM step, as a multiple of adv-eps (Wong et al. 2020; ≥ 2 invites catastrophic overfitting)
     device: str = "auto"
     amp: bool = True  # bf16/fp16 autocast, on CUDA only
     compile: bool = False  # torch.compile the training forward/backward; pays off on GPUs after a slow first epoch
@@ -87,6 +89,8 @@ class TrainConfig:
             raise XdlError(f"unknown adversarial training {self.adv_train!r}: choose {', '.join(robust.ADV_TRAIN)}")
         if self.adv_train != "none" and self.adv_eps <= 0:
             raise XdlError(f"adv-eps must be > 0, got {self.adv_eps}")
+        if not 0 < self.adv_step <= 10:
+            raise XdlError(f"adv-step must be in (0, 10] (a multiple of adv-eps), got {self.adv_step}")
         if self.adv_steps < 1:
             raise XdlError(f"adv-steps must be ≥ 1, got {self.adv_steps}")
         if self.dp_epsilon is not None:
@@ -259,7 +263,9 @@ def fit(
     seen = min(n, steps_per_epoch * cfg.batch_size)  # samples per epoch, over all ranks
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device)
+    adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device, fgsm_step=cfg.adv_step)
+    # FGSM training can collapse to ~0% PGD accuracy within an epoch (Wong et al. 2020).
+    guard = CatastrophicOverfitGuard(data, cfg.adv_eps, device, seed=cfg.seed) if cfg.adv_train == "fgsm" else None
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
@@ -339,11 +345,17 @@ def fit(
             "lr": opt.param_groups[0]["lr"],
             "seconds": seconds,
         }
+        if guard is not None:
+            row["pgd_accuracy"] = guard.measure(model)
         history.append(row)
         log(
             f"epoch {epoch:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  {n / seconds:,.0f} samples/s"
         )
+        if guard is not None and guard.update(model, epoch, row["pgd_accuracy"]):
+            log(guard.message)
+            best = (math.nan, guard.best_epoch, guard.best_state)
+            break
         if cfg.early_stopping:
             if best is None or val["loss"] < best[0]:
                 best = (val["loss"], epoch, copy.deepcopy(model.state_dict()))

@@ -15,15 +15,17 @@ from xdl.cli.options import csv_strs, trust_code_option
 @click.option("--recompute", is_flag=True, help="recompute results already saved in RUN instead of reusing them")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="PGD's eps, at which the summary quotes robust accuracy (input units; images are in [0, 1])")
+@click.option("--audit-attack", type=click.Choice(["autoattack", "pgd"]), default="autoattack", show_default=True,
+              help="the headline attack: AutoAttack (APGD-CE, APGD-T, Square, with gradient-masking checks) or PGD alone")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @trust_code_option
-def command(run, only, skip, samples, recompute, eps, device, quiet, trust_code) -> None:
+def command(run, only, skip, samples, recompute, eps, audit_attack, device, quiet, trust_code) -> None:
     """Run every analyzer that applies to RUN and write RUN/audit.html and RUN/audit.json."""
     from xdl.api import audit
 
     result = audit(run, only=only, skip=skip, samples=samples, recompute=recompute, eps=eps, device=device,
-                   progress=not quiet, trust_code=trust_code)
+                   progress=not quiet, trust_code=trust_code, audit_attack=audit_attack)
     for section in result.failed:
         click.echo(f"warning: {section.key} failed: {section.error}", err=True)
     done = len(result.sections) - len(result.failed)

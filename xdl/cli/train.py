@@ -38,6 +38,8 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
               help="train on adversarial batches: fgsm (random start, Wong et al. 2020) or pgd (Madry et al. 2018)")
 @click.option("--adv-eps", type=float, default=0.1, show_default=True, help="attack radius (L∞) for --adv-train, in input units")
 @click.option("--adv-steps", type=int, default=10, show_default=True, help="PGD steps for --adv-train pgd")
+@click.option("--adv-step", type=float, default=1.25, show_default=True,
+              help="FGSM step for --adv-train fgsm, as a multiple of --adv-eps (a PGD-10 guard stops catastrophic overfitting)")
 @click.option("--dp-epsilon", type=float, help="train with differential privacy (Opacus DP-SGD) spending at most this ε")
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="δ of the (ε, δ) guarantee; below 1/N")
 @click.option("--dp-max-grad-norm", type=float, default=1.0, show_default=True, help="per-record gradient clip for --dp-epsilon")
