@@ -104,7 +104,7 @@ def test_feature_maps_strongest_channels_first_and_first_filters(digits_run):
     model = digits_run.model
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert {f"maps_{n}" for n in convs} | {"filters"} <= set(result.figures)
-    x = digits_run.data.test.x[:3]
+    x = digits_run.data.test.x[result.provenance["indices"]]
     with torch.no_grad():
         first_maps = model[1](model[0](x))
     expected = first_maps.mean((0, 2, 3)).argsort(descending=True)[:4].numpy()

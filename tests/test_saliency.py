@@ -31,7 +31,8 @@ def digits(digits_run):
 
 
 def explain(source, method, **options):
-    return xdl.explain(source, method, samples=N, save=False, device="cpu", **options)
+    # The first N test digits, as the captum references below take them (samples=N would draw a stratified sample).
+    return xdl.explain(source, method, indices=range(N), save=False, device="cpu", **options)
 
 
 # -----------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_cli_gradcam_on_an_mlp(capsys, mlp_run):
 def test_cli_writes_results_and_never_overwrites_without_force(capsys, digits_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_run.path, run, ignore=shutil.ignore_patterns("explain", "attack", "report"))
-    args = ["explain", run, "--method", "ig", "-n", "3", "-q", "--param", "steps=8"]
+    args = ["explain", run, "--method", "ig", "--indices", "0,1,2", "-q", "--param", "steps=8"]
     code, out, _ = cli(capsys, *args)
     assert code == 0 and out.splitlines()[-1] == f"explain results saved to {run / 'explain' / 'ig'}"
     assert {p.name for p in (run / "explain" / "ig").iterdir()} == {"result.json", "grid.png", "arrays.npz"}
