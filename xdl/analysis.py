@@ -76,6 +76,7 @@ def analyze(
     out: str | Path | None = None,
     progress: bool = False,
     evaluate: bool = False,
+    reencode: bool = False,
 ):
     """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
 
@@ -84,6 +85,8 @@ def analyze(
     rank explains or attacks its share of the samples and rank 0 merges, saves and returns
     the result (:func:`xdl.distributed.merge` says what merging can and cannot do); the
     other ranks return None.
+    ``reencode=True`` analyzes a run whose data file changed since training, encoded with the
+    run's saved encoding, instead of refusing it.
     ``evaluate=True`` (explain only) adds how far the explanation can be trusted —
     deletion/insertion AUC against random order, infidelity, sensitivity and the
     randomization check of :mod:`xdl.evaluation` — as ``metrics["evaluation"]``.
@@ -120,7 +123,7 @@ def analyze(
         split = "given"  # the caller's own tensors, not a split of a run
         fingerprint = (provenance.model_digest(source), provenance.data_digest(x, y))
     else:
-        run = source if isinstance(source, Run) else Run(source)
+        run = source if isinstance(source, Run) else Run(source, reencode=reencode)
         data = run.data
         part = data.split(split)
         seed = run.seed if seed is None else seed
@@ -145,6 +148,8 @@ def analyze(
     if not world.main:  # rank 0 holds the merged result and writes it
         distributed.leave(world)
         return None
+    if run is not None and run.data_warning:
+        result.warnings.append(run.data_warning)
     result.provenance = provenance.record(
         split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
         model=fingerprint[0], data=fingerprint[1],

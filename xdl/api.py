@@ -70,7 +70,10 @@ def train(
         raise XdlError(f"{out} already holds a run; choose another --out or pass --force to replace it")
     if not (resume or force) and checkpoint.exists(out / checkpoint.FOLDER):
         raise XdlError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
-    splits = data if isinstance(data, DataSplits) else load_data(data, **(data_options or {}))
+    data_options = dict(data_options or {})
+    if data_options.get("seed") is None and not (isinstance(data, dict) and "seed" in data):
+        data_options["seed"] = cfg.seed  # --seed draws the split too, unless the data spec fixes its own
+    splits = data if isinstance(data, DataSplits) else load_data(data, **data_options)
     for note in splits.notes:
         log(f"data: {note}")
     mcfg = model_config(model, splits.kind, **(model_options or {}))

@@ -156,17 +156,19 @@ def audit(
     eps: float = DEFAULT_EPS,
     device: str = "auto",
     progress: bool = True,
+    reencode: bool = False,
 ) -> Audit:
     """Run every applicable analyzer on ``run`` and write RUN/audit.html and RUN/audit.json.
 
     ``only``/``skip`` take method names (``ig``) or kind/method (``explain/ig``);
     ``samples`` caps how many samples any analyzer gets; ``recompute`` ignores saved
-    results. An analyzer that fails becomes a failed section, not a failed audit.
+    results; ``reencode`` audits a run whose data file changed since training, encoded with the
+    saved encoding, instead of refusing it. An analyzer that fails becomes a failed section, not a failed audit.
     """
     from xdl.device import resolve_device
 
     started = time.perf_counter()
-    run = run if isinstance(run, Run) else Run(run)
+    run = run if isinstance(run, Run) else Run(run, reencode=reencode)
     if samples is not None and samples <= 0:
         raise XdlError(f"--samples must be > 0, got {samples}")
     if not eps > 0:

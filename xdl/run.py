@@ -77,8 +77,10 @@ def write_history(path: Path, history: list[dict]) -> None:
 class Run:
     """A trained model's directory. ``model`` and ``data`` are rebuilt from run.json on first use."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, reencode: bool = False):
         self.path = Path(path)
+        self.reencode = reencode  # a changed data file: encode it with the saved encoding instead of refusing
+        self.data_warning = ""  # set when it did
         info_path = self.path / "run.json"
         if not info_path.is_file():
             raise XdlError(f"{self.path} is not an xdl run (no run.json); train one with `xdl train --out {self.path}`")
@@ -122,9 +124,30 @@ class Run:
 
     @cached_property
     def data(self) -> DataSplits:
-        from xdl.data import load_data
+        """The splits the model was trained on, rebuilt from the spec; a change to the data is refused.
 
-        return load_data(self.info["data"])
+        run.json keeps a digest of the splits as training saw them. A data file edited since
+        then would otherwise be split and encoded afresh without a word; with ``reencode`` it
+        is encoded with the saved encoding (where there is one) and a warning instead.
+        """
+        import sys
+
+        from xdl.data import load_data
+        from xdl.provenance import splits_digest
+
+        data = load_data(self.info["data"])
+        saved = self.info.get("data_sha256")
+        if saved is None or splits_digest(data) == saved:
+            return data
+        where = self.info["data"].get("path") or self.info["data"].get("name")
+        if not self.reencode:
+            raise XdlError(f"the data {where} changed since {self.path} was trained on it; "
+                           "pass --reencode to analyze it anyway with the saved encoding")
+        if self.info.get("encoding"):
+            data = load_data({**self.info["data"], "encoding": self.info["encoding"]})
+        self.data_warning = f"the data {where} changed since training; it was encoded with the run's saved encoding"
+        print(f"warning: {self.data_warning}", file=sys.stderr)
+        return data
 
     @property
     def history(self) -> list[dict]:
@@ -174,6 +197,8 @@ def save_run(
     extra: dict | None = None,
 ) -> Run:
     """Write a complete run directory; ``run.json`` goes last so a crash leaves no half-run."""
+    from xdl.provenance import splits_digest
+
     path.mkdir(parents=True, exist_ok=True)
     save_weights(model, path / WEIGHTS)
     write_history(path / "history.csv", history)
@@ -183,6 +208,7 @@ def save_run(
         "data": data.spec,
         "dataset": {**data.describe(), "notes": data.notes},
         "encoding": data.encoding.to_json() if data.encoding else None,
+        "data_sha256": splits_digest(data),
         "train": train_cfg,
         "metrics": metrics,
         "versions": versions(),

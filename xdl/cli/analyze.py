@@ -58,7 +58,7 @@ class MethodHelp(click.Command):
 
 def make_command(kind: str) -> click.Command:
     def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet,
-                evaluate=False, **shortcuts):
+                reencode, evaluate=False, **shortcuts):
         from xdl.api import analyze
 
         params = list(param)
@@ -66,7 +66,7 @@ def make_command(kind: str) -> click.Command:
         result = analyze(
             kind, run, method, samples="default" if samples is None else samples, split=split,
             indices=_indices(indices), target=_target(target), params=params, device=device, seed=seed,
-            batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate,
+            batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate, reencode=reencode,
         )
         if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
             return
@@ -88,6 +88,8 @@ def make_command(kind: str) -> click.Command:
         click.Option(["--seed"], type=int, help="default: the run's training seed"),
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=256, show_default=True),
         click.Option(["--force"], is_flag=True, help="replace an earlier result of this method instead of adding METHOD-2"),
+        click.Option(["--reencode"], is_flag=True,
+                     help="analyze even though the data file changed since training, encoded with the run's saved encoding"),
         click.Option(["--quiet", "-q"], is_flag=True),
         *SHORTCUTS[kind],
         *FLAGS[kind],

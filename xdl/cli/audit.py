@@ -16,13 +16,15 @@ from xdl.cli.options import csv_strs
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="PGD's eps, at which the summary quotes robust accuracy (input units; images are in [0, 1])")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--reencode", is_flag=True,
+              help="audit even though the data file changed since training, encoded with the run's saved encoding")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
-def command(run, only, skip, samples, recompute, eps, device, quiet) -> None:
+def command(run, only, skip, samples, recompute, eps, device, reencode, quiet) -> None:
     """Run every analyzer that applies to RUN and write RUN/audit.html and RUN/audit.json."""
     from xdl.api import audit
 
     result = audit(run, only=only, skip=skip, samples=samples, recompute=recompute, eps=eps, device=device,
-                   progress=not quiet)
+                   progress=not quiet, reencode=reencode)
     for section in result.failed:
         click.echo(f"warning: {section.key} failed: {section.error}", err=True)
     done = len(result.sections) - len(result.failed)

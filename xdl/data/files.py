@@ -7,25 +7,15 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from xdl.data import random_splits
-from xdl.data.types import ColumnEncoding, DataSplits, Encoding
+from xdl.data.types import ColumnEncoding, DataSplits, Encoding, Split
 from xdl.errors import XdlError
 
-__all__ = ["IMAGE_SUFFIXES", "limit_index", "load_folder", "load_npz"]
+__all__ = ["IMAGE_SUFFIXES", "load_folder", "load_npz"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-
-
-def limit_index(n: int, spec: dict) -> np.ndarray | None:
-    """Row indices kept under ``spec["limit"]``: a seeded sample (sorted), or None for all rows."""
-    limit = spec.get("limit")
-    if not limit or int(limit) >= n:
-        return None
-    if int(limit) < 1:
-        raise XdlError(f"--limit must be a positive number of rows, not {limit}")
-    rng = np.random.default_rng(spec.get("seed", 0))
-    return np.sort(rng.permutation(n)[: int(limit)])
 
 
 # --------------------------------------------------------------------------- npz
@@ -135,9 +125,6 @@ def load_npz(spec: dict) -> DataSplits:
     if len(np.unique(y)) < 2:
         raise XdlError(f"{path}: 'y' has only one class; need at least two")
 
-    index = limit_index(len(y), spec)
-    if index is not None:
-        x, y = x[index], y[index]
     train, val, test_split = random_splits(x, y, spec, test=test)
     if kind == "tabular":
         features = [f"f{i}" for i in range(x.shape[1])]
@@ -208,9 +195,12 @@ def load_folder(spec: dict) -> DataSplits:
     if len(class_names) < 2:
         raise XdlError(f"{root} has images for only one class ({class_names[0]!r}); need at least two class sub-folders")
 
-    index = limit_index(len(files), spec)
-    if index is not None:
-        files = [files[i] for i in index]
+    # Split file numbers first (as CSV splits row numbers), so --limit reads only the images it keeps.
+    y = np.array([label for _, label in files], dtype=np.int64)
+    parts = random_splits(np.arange(len(files), dtype=np.float64)[:, None], y, spec)
+    kept = [part.x[:, 0].long().numpy() for part in parts]
+    order = np.concatenate(kept)
+    files = [files[i] for i in order]
     arrays: list[np.ndarray] = []
     for path, _ in files:
         array = _read_image(path)
@@ -228,7 +218,7 @@ def load_folder(spec: dict) -> DataSplits:
         x = np.transpose(x, (0, 3, 1, 2))
         if any(a.ndim == 2 for a in arrays):
             notes.append("converted grayscale images to RGB to match the colour ones")
-    x = np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
-    y = np.array([label for _, label in files], dtype=np.int64)
-    train, val, test = random_splits(x, y, spec)
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0))
+    bounds = np.cumsum([0, *map(len, kept)])
+    train, val, test = (Split(x[a:b], part.y, part.groups) for a, b, part in zip(bounds, bounds[1:], parts))
     return DataSplits(train, val, test, "image", class_names, spec, notes=notes)
