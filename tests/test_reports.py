@@ -201,6 +201,52 @@ def test_regularized_early_stopped_run_is_not_overfitting(overfit_runs):
     assert result.metrics["kept_epoch"] == result.metrics["best_epoch"] < result.metrics["epochs_run"]
 
 
+def curves_run(digits_run, folder, history: dict[str, list[float]]):
+    """A copy of a run with the given learning curves and a small final train − validation gap."""
+    import json
+
+    from xdl.run import write_history
+
+    shutil.copytree(digits_run.path, folder, ignore=shutil.ignore_patterns("explain", "attack", "report"))
+    rows = [dict(epoch=i + 1, **{k: v[i] for k, v in history.items()}) for i in range(len(history["val_loss"]))]
+    write_history(folder / "history.csv", rows)
+    info = json.loads((folder / "run.json").read_text())
+    info["metrics"].update(train_accuracy=0.99, val_accuracy=0.97, test_accuracy=0.96)
+    (folder / "run.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_overfit_compares_the_clean_training_pass_with_validation(digits_run, tmp_path):
+    # Logged (mixup) training loss rises; the clean eval-mode pass falls while validation loss
+    # climbs 40 % above its minimum: overfitting, which the logged loss alone would hide.
+    history = dict(train_loss=[1.2, 1.1, 1.15, 1.2, 1.22, 1.25], train_accuracy=[0.7] * 6,
+                   val_loss=[0.5, 0.3, 0.32, 0.36, 0.39, 0.42], val_accuracy=[0.97] * 6,
+                   train_eval_loss=[0.45, 0.25, 0.2, 0.15, 0.1, 0.08], train_eval_accuracy=[0.99] * 6)
+    result = xdl.report(curves_run(digits_run, tmp_path / "a", history), "overfit", save=False)
+    assert result.metrics["diagnosis"] == "overfitting", result.summary
+    assert "training loss kept falling (0.250 → 0.080)" in result.summary and not result.warnings
+
+
+def test_overfit_sees_a_short_run_still_improving(digits_run, tmp_path):
+    history = dict(train_loss=[0.9, 0.6, 0.4, 0.25], train_accuracy=[0.99] * 4, val_loss=[1.0, 0.7, 0.5, 0.3],
+                   val_accuracy=[0.97] * 4, train_eval_loss=[0.9, 0.6, 0.4, 0.25], train_eval_accuracy=[0.99] * 4)
+    result = xdl.report(curves_run(digits_run, tmp_path / "b", history), "overfit", save=False)
+    assert result.metrics["diagnosis"] == "underfitting", result.summary
+    assert "still falling when training stopped (0.500 → 0.300" in result.summary
+
+
+def test_training_logs_a_clean_pass_over_a_fixed_training_subset(digits_run):
+    from xdl.training import PROBE_MIN, evaluate
+
+    n = len(digits_run.data.train)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(digits_run.seed))
+    probe = digits_run.data.train.subset(pick[: min(n, max(len(digits_run.data.val), PROBE_MIN))].sort().values)
+    last = digits_run.history[-1]
+    clean = evaluate(digits_run.model, probe, torch.device("cpu"))
+    assert last["train_eval_accuracy"] == pytest.approx(clean["accuracy"])
+    assert last["train_eval_loss"] == pytest.approx(clean["loss"], rel=1e-5)
+
+
 def test_overfit_needs_a_run_with_history(digits_run, tmp_path, capsys):
     with pytest.raises(XdlError, match="needs a run directory"):
         xdl.report(nn.Linear(2, 2), "overfit", x=torch.zeros(3, 2))

@@ -65,7 +65,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_eval_loss",
+               "train_eval_accuracy", "lr", "seconds"]
     columns += sorted({k for row in history for k in row} - set(columns))
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, lineterminator="\n")
