@@ -62,11 +62,21 @@ def test_train_writes_the_compute_card_and_info_prints_it(digits_run, capsys):
     assert card["peak_memory_bytes"] > 0 and "getrusage" in card["peak_memory_source"]
     assert card["device"] == "cpu" and "W per CPU thread" in card["power_assumption"]
 
+    assert card["attack_passes_per_sample"] == 0 and card["flops_training_total"] == card["flops_train_step_per_sample"] * n
     code, out, _ = cli(capsys, "info", digits_run.path)
     assert code == 0
     assert "test_accuracy" in out
     assert "63.10 kFLOP per sample" in out
     assert f"{card['parameters']:,}" in out and "energy (estimate)" in out
+
+
+def test_the_compute_card_counts_adversarial_trainings_extra_passes(tmp_path):
+    run = xdl.train("digits", "mlp", tmp_path / "adv", epochs=1, quiet=True, adv_train="pgd", adv_steps=3,
+                    data_options={"limit": 40}, model_options={"hidden": [8]})
+    card = run.info["compute"]
+    # Each sample: the training step, plus 3 PGD steps of forward and backward through the net.
+    assert card["attack_passes_per_sample"] == 3
+    assert card["flops_training_total"] == 4 * card["flops_train_step_per_sample"] * card["samples_seen"]
 
 
 # -----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from xdl import checkpoint
-from xdl import distributed
+from xdl import distributed, robust
 from xdl.compute import compute_card, reset_peak_memory
 from xdl.data import load_data
 from xdl.data.types import DataSplits
@@ -94,7 +94,8 @@ def train(
     seconds = time.perf_counter() - started
     # Epoch times, not this call's wall time: a resumed run's history holds every session's epochs.
     epoch_seconds = sum(row["seconds"] for row in history)
-    card = compute_card(net, splits.train.x[:2], epoch_seconds, len(history) * len(splits.train), device, world.size)
+    card = compute_card(net, splits.train.x[:2], epoch_seconds, len(history) * len(splits.train), device, world.size,
+                        robust.attack_passes(cfg.adv_train, cfg.adv_steps))
     metrics = final_metrics(net, splits, device)
     metrics["train_seconds"] = seconds
     metrics["epochs_run"] = len(history)
