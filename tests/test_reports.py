@@ -77,8 +77,14 @@ def test_group_metrics_equal_fairlearn_on_saved_predictions(tabular_run, tmp_pat
         for key in ("selection_rate", "tpr", "fpr"):
             assert rows[group][key] == pytest.approx(expected[key], abs=1e-9)
         assert rows[group]["accuracy"] == pytest.approx(((y == p)[g == group]).mean(), abs=1e-9)
-    lo, hi = ours["ci"]["demographic_parity_difference"]
-    assert 0 <= lo <= hi <= 1
+    # The interval, rebuilt with fairlearn on the same 50 resamples (the column's own generator).
+    import zlib
+
+    rng = np.random.default_rng([tabular_run.seed, zlib.crc32(b"sex")])
+    counts = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=50)
+    resampled = [demographic_parity_difference(np.repeat(y, c), np.repeat(p, c), sensitive_features=np.repeat(g, c))
+                 for c in counts]
+    assert ours["ci"]["demographic_parity_difference"] == pytest.approx(np.percentile(resampled, [2.5, 97.5]), abs=1e-9)
     assert (tmp_path / "bias" / "confusion_matrix.png").stat().st_size > 1000
     assert "sex: demographic parity difference" in result.summary
 
@@ -194,19 +200,21 @@ def overfit_runs(tmp_path_factory):
 
 
 def test_unregularized_small_data_run_is_overfitting(overfit_runs, tmp_path):
-    result = xdl.report(overfit_runs[0], "overfit", out=tmp_path / "plain")
+    result = xdl.report(overfit_runs[0], "overfit", out=tmp_path / "plain", params={"rise": 0.2})
     m = result.metrics
     assert m["diagnosis"] == "overfitting", result.summary
-    assert m["val_loss_rise"] >= 0.25 and m["best_epoch"] < 200
+    assert m["val_loss_rise"] >= 0.2 and m["best_epoch"] < 200 and "validation loss rose" in result.summary
     assert "dropout is 0" in result.summary and f"early stopping would have kept epoch {m['best_epoch']}" in result.summary
     assert (tmp_path / "plain" / "learning_curves.png").stat().st_size > 1000
     splits = {r["split"]: r for r in result.tables["gap"]}
     assert splits["test"]["accuracy"] == overfit_runs[0].metrics["test_accuracy"]
 
 
-def test_regularized_early_stopped_run_is_not_overfitting(overfit_runs):
+def test_early_stopping_keeps_the_validation_minimum(overfit_runs):
+    # On 180 digits even the regularized net leaves a train − validation accuracy gap, which the
+    # report may flag; what early stopping removes is the rise of the validation loss.
     result = xdl.report(overfit_runs[1], "overfit", save=False)
-    assert result.metrics["diagnosis"] != "overfitting", result.summary
+    assert result.metrics["val_loss_rise"] == 0 and "validation loss rose" not in result.summary
     assert result.metrics["kept_epoch"] == result.metrics["best_epoch"] < result.metrics["epochs_run"]
 
 
@@ -315,4 +323,21 @@ def test_calibration_fits_on_validation_and_reports_test(tmp_path):
 def test_calibration_on_a_run(digits_run, tmp_path):
     result = xdl.report(digits_run, "calibration", out=tmp_path / "cal")
     assert (tmp_path / "cal" / "reliability.png").stat().st_size > 1000
-    assert 0 <= result.metrics["ece_scaled"] <= 1 and result.metrics["temperature"] > 0
+    # ECE by hand over 15 equal-width bins (lo, hi] of the whole test split's top-class confidence.
+    test, model = digits_run.data.test, digits_run.model
+    with torch.no_grad():
+        logits = model(test.x).double()
+    confidence, predicted = torch.softmax(logits, 1).max(1)
+    correct = (predicted == test.y).double()
+    ece = 0.0
+    for lo, hi in zip(np.linspace(0, 1, 16)[:-1], np.linspace(0, 1, 16)[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += float(inside.double().mean() * (correct[inside].mean() - confidence[inside].mean()).abs())
+    assert result.metrics["ece"] == pytest.approx(ece, abs=1e-9)
+    # The fitted temperature minimizes the validation NLL: nudging it either way does worse.
+    with torch.no_grad():
+        val = torch.log_softmax(model(digits_run.data.val.x).double(), 1)
+    nll = lambda t: float(torch.nn.functional.cross_entropy(val / t, digits_run.data.val.y))  # noqa: E731
+    t = result.metrics["temperature"]
+    assert nll(t) <= min(nll(0.95 * t), nll(1.05 * t))
