@@ -171,3 +171,14 @@ def test_eps_sweep_writes_table_and_curve(capsys, digits_run, tmp_path):
     assert (folder / "robustness.csv").is_file() and (folder / "robustness_curve.png").stat().st_size > 1000
     assert (folder / "examples.png").is_file()
     assert np.load(folder / "arrays.npz")["adversarial"].shape == (64, 1, 8, 8)
+
+
+def test_npz_tabular_attacks_say_raw_units(tmp_path):
+    """An npz table is not standardized by xdl: eps is in the data's own units, and the summary says so."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(50, 10, (200, 3)).astype(np.float32)
+    np.savez(tmp_path / "t.npz", x=x, y=(x[:, 0] > 50).astype(np.int64))
+    run = xdl.train(str(tmp_path / "t.npz"), "mlp", tmp_path / "run", epochs=1, quiet=True, model_options={"hidden": [8]})
+    result = xdl.attack(run, "pgd", samples=16, params={"eps": 2.0, "steps": 2}, save=False)
+    assert "raw units" in result.summary and "standardized" not in result.summary
+    assert result.metrics["mean_linf"] == pytest.approx(2.0, abs=1e-4)  # moved by eps in those raw units
