@@ -84,7 +84,7 @@ def test_attacks_pass_the_analyzer_contract(method, params):
 @pytest.fixture(scope="module")
 def digits_attacks(digits_run):
     """FGSM and PGD at eps 0.1 on 120 test digits, shared by the comparisons below."""
-    options = {"samples": 120, "params": {"eps": 0.1}, "save": False}
+    options = {"indices": range(120), "params": {"eps": 0.1}, "save": False}
     return {name: xdl.attack(digits_run, name, **options) for name in names("attack")}
 
 
@@ -102,7 +102,7 @@ def test_pgd_is_at_least_as_strong_as_fgsm(digits_attacks):
 
 
 def test_fgsm_agrees_with_torchattacks(digits_run, digits_attacks):
-    torchattacks = pytest.importorskip("torchattacks")
+    import torchattacks  # a [test] dependency: a missing one fails here instead of skipping
     model = digits_run.model
     x, y = digits_run.data.test.x[:120], digits_run.data.test.y[:120]
     reference = torchattacks.FGSM(model, eps=0.1)(x, y)
@@ -116,7 +116,7 @@ def test_fgsm_agrees_with_torchattacks(digits_run, digits_attacks):
 def test_tabular_attacks_move_numeric_features_only(tabular_run):
     result = xdl.attack(tabular_run, "pgd", samples=64, params={"eps": 0.5, "steps": 3}, save=False)
     numeric = tabular_run.data.encoding.numeric_mask()
-    x = tabular_run.data.test.x[:64].numpy()
+    x = tabular_run.data.test.x[result.provenance["indices"]].numpy()
     adv = result.arrays["adversarial"]
     assert np.array_equal(adv[:, ~numeric], x[:, ~numeric])
     assert np.abs(adv[:, numeric] - x[:, numeric]).max() > 0.1
@@ -171,3 +171,14 @@ def test_eps_sweep_writes_table_and_curve(capsys, digits_run, tmp_path):
     assert (folder / "robustness.csv").is_file() and (folder / "robustness_curve.png").stat().st_size > 1000
     assert (folder / "examples.png").is_file()
     assert np.load(folder / "arrays.npz")["adversarial"].shape == (64, 1, 8, 8)
+
+
+def test_npz_tabular_attacks_say_raw_units(tmp_path):
+    """An npz table is not standardized by xdl: eps is in the data's own units, and the summary says so."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(50, 10, (200, 3)).astype(np.float32)
+    np.savez(tmp_path / "t.npz", x=x, y=(x[:, 0] > 50).astype(np.int64))
+    run = xdl.train(str(tmp_path / "t.npz"), "mlp", tmp_path / "run", epochs=1, quiet=True, model_options={"hidden": [8]})
+    result = xdl.attack(run, "pgd", samples=16, params={"eps": 2.0, "steps": 2}, save=False)
+    assert "raw units" in result.summary and "standardized" not in result.summary
+    assert result.metrics["mean_linf"] == pytest.approx(2.0, abs=1e-4)  # moved by eps in those raw units

@@ -24,12 +24,31 @@ def test_run_directory_rebuilds_the_model(digits_run):
     assert info["model"]["in_shape"] == [1, 8, 8]
     assert {"torch", "python"} <= set(info["versions"])
     again = xdl.load(digits_run.path)
-    x = again.data.test.x[:16]
     assert not again.model.training
-    assert torch.equal(again.model(x), digits_run.model(x))
     assert len(again.history) == 4
-    # Reloading the data spec gives identical splits.
-    assert torch.equal(again.data.test.x, xdl.load_data(info["data"]).test.x)
+    # The reloaded net on the reloaded splits gives the metrics the trained net gave at training time.
+    from xdl.training import evaluate
+
+    for split in ("train", "val", "test"):
+        measured = evaluate(again.model, again.data.split(split), torch.device("cpu"))
+        assert measured["accuracy"] == digits_run.metrics[f"{split}_accuracy"], split
+        assert measured["loss"] == pytest.approx(digits_run.metrics[f"{split}_loss"], rel=1e-6), split
+
+
+def test_a_saved_run_reloads_as_the_trained_net(tmp_path):
+    from xdl.models import set_normalization
+    from xdl.run import save_run
+    from xdl.training import TrainConfig, fit
+
+    data = xdl.load_data("digits", limit=60)
+    cfg = model_config("cnn", "image", channels=[4], hidden=8)
+    net = build_model(cfg, data.input_shape, data.num_classes)
+    set_normalization(net, data.train.x)
+    history = fit(net, data, TrainConfig(epochs=1), progress=False, log=lambda line: None)
+    save_run(tmp_path / "run", net, data, cfg, {}, history, {})
+    x = data.test.x
+    with torch.no_grad():
+        torch.testing.assert_close(xdl.load(tmp_path / "run").model(x), net.eval()(x), rtol=0, atol=0)
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
@@ -55,13 +74,35 @@ def test_cnn_fits_every_image_size(shape):
     assert model(torch.rand(2, *shape)).shape == (2, 10)
 
 
-def test_augmentations_keep_shape_and_range():
+def test_augmentations_do_what_they_say():
     from xdl.training import TrainConfig, augment
 
-    cfg = TrainConfig(augment=["shift", "rotate", "flip", "noise", "cutout"])
-    x = torch.rand(5, 3, 16, 16)
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16) * 0.5 + 0.25  # away from the clamp at 0 and 1
+    # flip: every image is itself or its mirror, both happen
+    out = augment(x, TrainConfig(augment=["flip"]))
+    same, mirrored = (out == x).flatten(1).all(1), (out == x.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and same.any() and mirrored.any()
+    # a shift by s of the width moves content by at most s·16 pixels; zero shift is the identity
+    still = augment(x, TrainConfig(augment=["shift"], shift=0.0))
+    torch.testing.assert_close(still, x, atol=1e-5, rtol=0)
+    dot = torch.zeros(64, 1, 16, 16)
+    dot[:, :, 8, 8] = 1.0
+    moved = augment(dot, TrainConfig(augment=["shift"], shift=0.1))
+    grid = torch.arange(16.0)
+    mass = moved.sum((1, 2, 3))
+    centre = torch.stack([(moved.sum(3)[:, 0] * grid).sum(1), (moved.sum(2)[:, 0] * grid).sum(1)], 1) / mass[:, None]
+    offset = (centre - torch.tensor([8.0, 8.0])).abs()
+    assert (offset <= 0.1 * 16 + 1e-4).all() and (offset > 0.05).any()
+    # cutout: one square of side round(f·16) set to 0 (smaller where it meets the border), the rest untouched
+    cfg = TrainConfig(augment=["cutout"], cutout=0.25)
     out = augment(x, cfg)
-    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    holes = (out == 0).all(1)  # all channels
+    assert ((out == 0) | (out == x)).all() and (holes.flatten(1).sum(1) <= 25).all() and holes.any()
+    # noise: zero-mean Gaussian of the configured standard deviation
+    out = augment(x, TrainConfig(augment=["noise"], noise=0.05))
+    delta = out - x
+    assert abs(float(delta.mean())) < 2e-3 and float(delta.std()) == pytest.approx(0.05, rel=0.05)
 
 
 def test_existing_run_is_not_overwritten(digits_run):

@@ -62,11 +62,21 @@ def test_train_writes_the_compute_card_and_info_prints_it(digits_run, capsys):
     assert card["peak_memory_bytes"] > 0 and "getrusage" in card["peak_memory_source"]
     assert card["device"] == "cpu" and "W per CPU thread" in card["power_assumption"]
 
+    assert card["attack_passes_per_sample"] == 0 and card["flops_training_total"] == card["flops_train_step_per_sample"] * n
     code, out, _ = cli(capsys, "info", digits_run.path)
     assert code == 0
     assert "test_accuracy" in out
     assert "63.10 kFLOP per sample" in out
     assert f"{card['parameters']:,}" in out and "energy (estimate)" in out
+
+
+def test_the_compute_card_counts_adversarial_trainings_extra_passes(tmp_path):
+    run = xdl.train("digits", "mlp", tmp_path / "adv", epochs=1, quiet=True, adv_train="pgd", adv_steps=3,
+                    data_options={"limit": 40}, model_options={"hidden": [8]})
+    card = run.info["compute"]
+    # Each sample: the training step, plus 3 PGD steps of forward and backward through the net.
+    assert card["attack_passes_per_sample"] == 3
+    assert card["flops_training_total"] == 4 * card["flops_train_step_per_sample"] * card["samples_seen"]
 
 
 # -----------------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ def test_feature_maps_strongest_channels_first_and_first_filters(digits_run):
     model = digits_run.model
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert {f"maps_{n}" for n in convs} | {"filters"} <= set(result.figures)
-    x = digits_run.data.test.x[:3]
+    x = digits_run.data.test.x[result.provenance["indices"]]
     with torch.no_grad():
         first_maps = model[1](model[0](x))
     expected = first_maps.mean((0, 2, 3)).argsort(descending=True)[:4].numpy()

@@ -30,7 +30,8 @@ def digits(digits_run):
 
 
 def explain(source, method, **options):
-    return xdl.explain(source, method, samples=N, save=False, device="cpu", **options)
+    # The first N test digits, as the captum references below take them (samples=N would draw a stratified sample).
+    return xdl.explain(source, method, indices=range(N), save=False, device="cpu", **options)
 
 
 # -----------------------------------------------------------------------------------------
@@ -219,13 +220,19 @@ def test_cli_gradcam_on_an_mlp(capsys, mlp_run):
 def test_cli_writes_results_and_never_overwrites_without_force(capsys, digits_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_run.path, run, ignore=shutil.ignore_patterns("explain", "attack", "report"))
-    args = ["explain", run, "--method", "ig", "-n", "3", "-q", "--param", "steps=8"]
+    args = ["explain", run, "--method", "ig", "--indices", "0,1,2", "-q", "--param", "steps=8"]
     code, out, _ = cli(capsys, *args)
     assert code == 0 and out.splitlines()[-1] == f"explain results saved to {run / 'explain' / 'ig'}"
     assert {p.name for p in (run / "explain" / "ig").iterdir()} == {"result.json", "grid.png", "arrays.npz"}
     saved = xdl.Result.load(run / "explain" / "ig", arrays=True)
     assert saved.params == {"steps": 8, "baseline": "zeros"} and saved.arrays["attributions"].shape == (3, 1, 8, 8)
-    assert saved.metrics["convergence_delta_max_abs"] >= 0 and saved.arrays["indices"].tolist() == [0, 1, 2]
+    assert saved.arrays["indices"].tolist() == [0, 1, 2]
+    # IG's completeness gap, recomputed: |Σ attributions − (f(x) − f(0))| for the explained class.
+    x, t = digits_run.data.test.x[:3], torch.as_tensor(saved.arrays["targets"])[:, None]
+    with torch.no_grad():
+        change = (digits_run.model(x).gather(1, t) - digits_run.model(torch.zeros_like(x)).gather(1, t))[:, 0]
+    gap = (torch.as_tensor(saved.arrays["attributions"]).flatten(1).sum(1) - change).abs().max()
+    assert saved.metrics["convergence_delta_max_abs"] == pytest.approx(float(gap), rel=1e-3, abs=1e-6)
 
     code, out, _ = cli(capsys, *args)
     assert code == 0 and out.splitlines()[-1].endswith(str(run / "explain" / "ig-2"))

@@ -87,6 +87,7 @@ def analyze(
     evaluate: bool = False,
     other=None,
     trust_code: bool = False,
+    reencode: bool = False,
 ):
     """Run one analyzer on a run directory, or on any ``nn.Module`` with tensors ``x``/``y``.
 
@@ -95,6 +96,8 @@ def analyze(
     rank explains or attacks its share of the samples and rank 0 merges, saves and returns
     the result (:func:`xdl.distributed.merge` says what merging can and cannot do); the
     other ranks return None.
+    ``reencode=True`` analyzes a run whose data file changed since training, encoded with the
+    run's saved encoding, instead of refusing it.
     ``evaluate=True`` (explain only) adds how far the explanation can be trusted —
     deletion/insertion AUC against random order, infidelity, sensitivity and the
     randomization check of :mod:`xdl.evaluation` — as ``metrics["evaluation"]``.
@@ -156,7 +159,7 @@ def analyze(
             split = "given"  # the caller's own tensors, not a split of a run
         fingerprint = (provenance.model_digest(source), provenance.data_digest(x, y))
     else:
-        run = source if isinstance(source, Run) else Run(source, trust_code=trust_code)
+        run = source if isinstance(source, Run) else Run(source, trust_code=trust_code, reencode=reencode)
         run.trust_code = run.trust_code or trust_code
         if save and out is None:
             run.check_writable(kind)  # a read-only run fails now, not after the work
@@ -190,6 +193,8 @@ def analyze(
         distributed.leave(world)
         return None
     result.warnings += [n for n in notes if n not in result.warnings]
+    if run is not None and run.data_warning:
+        result.warnings.append(run.data_warning)
     result.provenance = provenance.record(
         split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
         model=fingerprint[0], data=fingerprint[1],

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from xdl import checkpoint
-from xdl import distributed
+from xdl import distributed, robust
 from xdl.compute import compute_card, reset_peak_memory
 from xdl.data import load_data
 from xdl.data.types import DataSplits
@@ -68,7 +68,10 @@ def train(
         log, quiet = (lambda line: None), True
     out = distributed.broadcast(Path(out) if out else new_run_path(), world)
     check_train_out(out, force, resume)
-    splits = data if isinstance(data, DataSplits) else load_data(data, **(data_options or {}))
+    data_options = dict(data_options or {})
+    if data_options.get("seed") is None and not (isinstance(data, dict) and "seed" in data):
+        data_options["seed"] = cfg.seed  # --seed draws the split too, unless the data spec fixes its own
+    splits = data if isinstance(data, DataSplits) else load_data(data, **data_options)
     for note in splits.notes:
         log(f"data: {note}")
     mcfg = model_config(model, splits.kind, **(model_options or {}))
@@ -94,7 +97,8 @@ def train(
     seconds = time.perf_counter() - started
     # Epoch times, not this call's wall time: a resumed run's history holds every session's epochs.
     epoch_seconds = sum(row["seconds"] for row in history)
-    card = compute_card(net, splits.train.x[:2], epoch_seconds, len(history) * len(splits.train), device, world.size)
+    card = compute_card(net, splits.train.x[:2], epoch_seconds, len(history) * len(splits.train), device, world.size,
+                        robust.attack_passes(cfg.adv_train, cfg.adv_steps))
     metrics = final_metrics(net, splits, device)
     metrics["train_seconds"] = seconds
     metrics["epochs_run"] = len(history)

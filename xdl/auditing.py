@@ -171,18 +171,20 @@ def audit(
     progress: bool = True,
     trust_code: bool = False,
     audit_attack: str = "autoattack",
+    reencode: bool = False,
 ) -> Audit:
     """Run every applicable analyzer on ``run`` and write RUN/audit.html and RUN/audit.json.
 
     ``only``/``skip`` take method names (``ig``) or kind/method (``explain/ig``);
     ``samples`` caps how many samples any analyzer gets; ``recompute`` ignores saved
-    results. An analyzer that fails becomes a failed section, not a failed audit.
+    results; ``reencode`` audits a run whose data file changed since training, encoded with the
+    saved encoding, instead of refusing it. An analyzer that fails becomes a failed section, not a failed audit.
     ``trust_code=True`` lets a run whose model is a ``package.module:factory`` import it.
     """
     from xdl.device import resolve_device
 
     started = time.perf_counter()
-    run = run if isinstance(run, Run) else Run(run, trust_code=trust_code)
+    run = run if isinstance(run, Run) else Run(run, trust_code=trust_code, reencode=reencode)
     run.trust_code = run.trust_code or trust_code
     run.check_writable()  # audit.html goes into the run: a read-only one fails now, not at the end
     if samples is not None and samples <= 0:

@@ -123,13 +123,16 @@ def _nvidia_power_limit(device: torch.device) -> float | None:
 
 
 def compute_card(
-    model: nn.Module, x: torch.Tensor, seconds: float, samples: int, device: torch.device, devices: int = 1
+    model: nn.Module, x: torch.Tensor, seconds: float, samples: int, device: torch.device, devices: int = 1,
+    attack_passes: int = 0,
 ) -> dict[str, Any]:
     """The card saved in run.json under "compute".
 
     ``x``: a few training inputs to count FLOPs on; ``seconds``: training wall time (the
     epochs' own times, validation included, summed over resumed sessions); ``samples``:
-    training samples processed by all ``devices`` together (torchrun ranks, one device each).
+    training samples processed by all ``devices`` together (torchrun ranks, one device each);
+    ``attack_passes``: forward+backward passes adversarial training adds per sample, each
+    counted as one more training step (its backward runs through every layer too).
     """
     forward, step = count_flops(model, x)
     memory, memory_source = peak_memory(device)
@@ -141,7 +144,8 @@ def compute_card(
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "flops_forward_per_sample": forward,
         "flops_train_step_per_sample": step,
-        "flops_training_total": step * samples,
+        "flops_training_total": step * samples * (1 + attack_passes),
+        "attack_passes_per_sample": attack_passes,
         "flops_counted": "matmuls and convolutions by torch.utils.flop_counter, 2 FLOPs per multiply-add",
         "train_seconds": seconds,
         "samples_seen": samples,

@@ -71,6 +71,15 @@ def data_digest(x: torch.Tensor, y: torch.Tensor | None, groups: dict[str, np.nd
     return h.hexdigest()
 
 
+def splits_digest(data: Any) -> str:
+    """sha256 of every split of a DataSplits, as the model sees them (what run.json stores at training)."""
+    h = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        part = data.split(name)
+        h.update(data_digest(part.x, part.y, part.groups).encode())
+    return h.hexdigest()
+
+
 def record(*, split: str, index: np.ndarray, target: Any, seed: int, params: dict[str, Any], model: str,
            data: str) -> dict[str, Any]:
     """The provenance of a result computed on ``index`` of ``split`` with ``params``."""

@@ -131,6 +131,11 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+def attack_passes(method: str, steps: int) -> int:
+    """Forward+backward passes adversarial training adds per training sample (0 without it)."""
+    return {"none": 0, "fgsm": 1}.get(method, steps)
+
+
 def train_attack(
     method: str, eps: float, steps: int, data: DataSplits, device: torch.device, fgsm_step: float = 1.25
 ) -> TrainAttack | None:

@@ -80,7 +80,8 @@ def check_finite_weights(state: dict, path: str | Path) -> None:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_eval_loss",
+               "train_eval_accuracy", "lr", "seconds"]
     columns += sorted({k for row in history for k in row} - set(columns))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator=CSV_LINE_END)
@@ -97,11 +98,13 @@ class Run:
     (or XDL_TRUST_CODE=1): a shared run directory must not run code on load.
     """
 
-    def __init__(self, path: str | Path, trust_code: bool = False):
+    def __init__(self, path: str | Path, trust_code: bool = False, reencode: bool = False):
         if not isinstance(path, (str, os.PathLike)):
             raise XdlError(f"expected a run directory (a path) or an nn.Module, got {type(path).__name__}")
         self.path = Path(path)
         self.trust_code = trust_code
+        self.reencode = reencode  # a changed data file: encode it with the saved encoding instead of refusing
+        self.data_warning = ""  # set when it did
         info_path = self.path / "run.json"
         if not info_path.is_file():
             raise XdlError(f"{self.path} is not an xdl run (no run.json); train one with `xdl train --out {self.path}`")
@@ -152,11 +155,35 @@ class Run:
 
     @cached_property
     def data(self) -> DataSplits:
-        from xdl.data import load_data
+        """The splits the model was trained on, rebuilt from the spec; a change to the data is refused.
 
-        data = load_data(self.info["data"])
+        run.json keeps a digest of the splits as training saw them. A data file edited since
+        then would otherwise be split and encoded afresh without a word; with ``reencode`` it
+        is encoded with the saved encoding (where there is one) and a warning instead.
+        """
+        import sys
+
+        from xdl.data import load_data
+        from xdl.provenance import splits_digest
+
+        data = self._named(load_data(self.info["data"]))
+        saved = self.info.get("data_sha256")
+        if saved is None or splits_digest(data) == saved:
+            return data
+        where = self.info["data"].get("path") or self.info["data"].get("name")
+        if not self.reencode:
+            raise XdlError(f"the data {where} changed since {self.path} was trained on it; "
+                           "pass --reencode to analyze it anyway with the saved encoding")
+        if self.info.get("encoding"):
+            data = self._named(load_data({**self.info["data"], "encoding": self.info["encoding"]}))
+        self.data_warning = f"the data {where} changed since training; it was encoded with the run's saved encoding"
+        print(f"warning: {self.data_warning}", file=sys.stderr)
+        return data
+
+    def _named(self, data: DataSplits) -> DataSplits:
+        """An imported model's own class names (from its config or --classes) over the data's."""
         imported = self.info.get("imported")
-        if isinstance(imported, dict) and imported.get("classes"):  # the model's own class names
+        if isinstance(imported, dict) and imported.get("classes"):
             data.class_names = list(imported["classes"])
         return data
 
@@ -244,6 +271,8 @@ def save_run(
     extra: dict | None = None,
 ) -> Run:
     """Write a complete run directory; ``run.json`` goes last so a crash leaves no half-run."""
+    from xdl.provenance import splits_digest
+
     path.mkdir(parents=True, exist_ok=True)
     save_weights(model, path / WEIGHTS)
     write_history(path / "history.csv", history)
@@ -253,6 +282,7 @@ def save_run(
         "data": data.spec,
         "dataset": {**data.describe(), "notes": data.notes},
         "encoding": data.encoding.to_json() if data.encoding else None,
+        "data_sha256": splits_digest(data),
         "train": train_cfg,
         "metrics": metrics,
         "versions": versions(),

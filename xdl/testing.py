@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Result, analyze, hook_count
+from xdl.analyzers.base import Analyzer, Context, Finding, Result, analyze, hook_count
 from xdl.data.types import DataSplits
 from xdl.run import Run
 
@@ -148,10 +148,13 @@ def check_analyzer(cls: type[Analyzer], params: Any = None, kinds: list[str] | N
 
     The contract: ``run`` returns a Result with JSON-able metrics; the result saves and loads
     back unchanged; the model's train/eval flags (per module), device, weights and hooks are
-    as before; two runs with the same seed give the same metrics and arrays.
+    as before; two runs with the same seed give the same metrics and arrays; ``sharding`` is
+    "samples" or "none", and ``findings`` turns the result into Finding objects.
     Returns the results by kind, for further checks of the caller's own.
     """
     params = cls.check_params if params is None else params
+    if cls.sharding not in ("samples", "none"):
+        raise AssertionError(f"{cls.__name__}: sharding must be 'samples' or 'none', not {cls.sharding!r}")
     results = {}
     for kind in kinds or sorted(cls.applies_to & {"image", "tabular"}):
         ctx = tiny_context(kind)
@@ -162,6 +165,7 @@ def check_analyzer(cls: type[Analyzer], params: Any = None, kinds: list[str] | N
         first.eval()
         modes = [m.training for m in model.modules()]
         weights = {k: v.clone() for k, v in model.state_dict().items()}
+        devices = {k: v.device for k, v in model.state_dict().items()}
         hooks = hook_count(model)
 
         result = _run(cls, ctx, params)
@@ -169,6 +173,9 @@ def check_analyzer(cls: type[Analyzer], params: Any = None, kinds: list[str] | N
             _fail(cls, kind, "the model's train/eval mode was not restored")
         if hook_count(model) != hooks:
             _fail(cls, kind, f"{hook_count(model) - hooks} hook(s) left behind on the model")
+        moved = [k for k, v in model.state_dict().items() if v.device != devices[k]]
+        if moved:
+            _fail(cls, kind, f"the model was left on another device: {', '.join(moved[:3])}")
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])]
         if changed:
             _fail(cls, kind, f"the model's weights changed: {', '.join(changed[:3])}")
@@ -187,6 +194,10 @@ def check_analyzer(cls: type[Analyzer], params: Any = None, kinds: list[str] | N
             _same_arrays(cls, kind, result.arrays, loaded.arrays, "after save/load")
             if set(loaded.figures) != set(result.figures):
                 _fail(cls, kind, "figures did not survive save/load")
+
+        findings = cls.findings(result)
+        if not isinstance(findings, list) or not all(isinstance(f, Finding) for f in findings):
+            _fail(cls, kind, f"findings() must return a list of Finding, got {findings!r}")
 
         again = _run(cls, tiny_context(kind), params)
         if json.dumps(again.metrics, sort_keys=True) != json.dumps(result.metrics, sort_keys=True):

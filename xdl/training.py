@@ -33,6 +33,7 @@ from xdl.errors import XdlError
 
 AUGMENTATIONS = ("shift", "rotate", "flip", "noise", "cutout")
 STREAM_EVAL_BATCH = 256  # evaluation batch of a streamed split: decoded images, not tensor slices
+PROBE_MIN = 256  # training samples evaluated clean each epoch, at least (else as many as validation has)
 
 
 @dataclass
@@ -259,6 +260,11 @@ def fit(
     if channels_last and not streamed:
         x_train = x_train.contiguous(memory_format=torch.channels_last)  # index gathers keep the layout
     n = len(y_train)
+    # A fixed training subset, evaluated each epoch exactly as the validation split is: the loss
+    # logged while training is of augmented, mixed or adversarial batches in train mode (with any
+    # L1 term), so only this one compares like with like against the validation loss.
+    probe_size = min(n, max(len(data.val), PROBE_MIN))
+    probe = data.train.subset(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:probe_size].sort().values)
     steps_per_epoch = distributed.steps_per_epoch(n, cfg.batch_size, world)
     seen = min(n, steps_per_epoch * cfg.batch_size)  # samples per epoch, over all ranks
     opt = _optimizer(model, cfg)
@@ -335,6 +341,7 @@ def fit(
             raise TrainingDiverged(epoch, int(first_bad.item()), steps_per_epoch, checkpoint_dir)
         loss_sum, correct_sum = distributed.all_reduce_sum(total_loss, total_correct)
         val = evaluate(model, data.val, device)
+        clean = evaluate(model, probe, device)
         seconds = time.perf_counter() - start
         row = {
             "epoch": epoch,
@@ -342,6 +349,8 @@ def fit(
             "train_accuracy": correct_sum / seen,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
+            "train_eval_loss": clean["loss"],
+            "train_eval_accuracy": clean["accuracy"],
             "lr": opt.param_groups[0]["lr"],
             "seconds": seconds,
         }

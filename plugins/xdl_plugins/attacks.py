@@ -7,7 +7,8 @@ this module runs it batch by batch on the model's device and measures what it di
     >>> xdl.attack(run, "pgd", params={"eps": [0, 0.05, 0.1], "steps": 20})        # doctest: +SKIP
 
 eps is in the input's natural range: pixels in [0, 1] for images (adversarial images are
-clamped to it), standardized units for tabular rows, where only numeric features move —
+clamped to it), standardized units for CSV tables and raw units for npz tables (which xdl
+does not standardize), where only numeric features move —
 a one-hot column has no "slightly more female".
 """
 
@@ -297,7 +298,10 @@ def _perturbed(ctx: Context, mask: torch.Tensor | None) -> str:
     if mask is None:
         return "all features (no encoding known), in the model's input units"
     names = [n for n, m in zip(ctx.feature_names, mask.tolist()) if m]
-    return f"numeric features only, in standardized units: {', '.join(names)}"
+    # A CSV's encoding standardizes numeric columns; an npz table's is the identity (mean 0, std 1).
+    standardized = any(c.type == "numeric" and (c.mean, c.std) != (0.0, 1.0) for c in ctx.encoding.columns)
+    units = "standardized units" if standardized else "the data's own raw units"
+    return f"numeric features only, in {units}: {', '.join(names)}"
 
 
 def _grid(ctx: Context, adv: torch.Tensor, clean: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -76,8 +77,11 @@ class Bias(Analyzer):
         predictions = {"y_true": y_true, "y_pred": y_pred, "confidence": probs.max(1).values.numpy()}
         parts = [_per_class(ctx, y_true, y_pred, result)]
 
-        rng = np.random.default_rng(ctx.seed)
+        groups = _groups(ctx, params.sensitive)
         for column, labels in groups.items():
+            # A generator per column, seeded by its name: one column's intervals do not depend on
+            # which other columns were asked for, nor in what order.
+            rng = np.random.default_rng([ctx.seed, zlib.crc32(column.encode())])
             parts.append(_per_group(ctx, column, labels, y_true, y_pred, params, rng, result))
         if not groups and ctx.kind == "image":
             segments = _segments(properties, params.segments)

@@ -61,6 +61,7 @@ class Overfit(Analyzer):
         loss = {s: metrics.get(f"{s}_loss", curves[f"{s}_loss"][kept] if s != "test" else np.nan)
                 for s in ("train", "val", "test")}
         gap = float(accuracy["train"] - accuracy["val"])
+        quarter = len(epochs) - 1 - max(1, len(epochs) // 4)  # the epoch a quarter of the run before the last
 
         # The classic sign first; an accuracy gap means overfitting only once the model fits
         # its training data — before that, the gap is a model still learning.
@@ -77,10 +78,10 @@ class Overfit(Analyzer):
         elif accuracy["train"] < params.fit:
             diagnosis = "underfitting"
             evidence.append(f"train accuracy {accuracy['train']:.3f} is below {params.fit}: the model does not fit its own data")
-        elif best == len(epochs) - 1 and len(epochs) >= 4 and vl[-len(epochs) // 4] > vl[best] * (1 + params.rise / 5):
+        elif best == len(epochs) - 1 and len(epochs) >= 4 and vl[quarter] > vl[best] * (1 + params.rise / 5):
             diagnosis = "underfitting"
             evidence.append(
-                f"validation loss was still falling when training stopped ({vl[-len(epochs) // 4]:.3f} → {vl[best]:.3f} "
+                f"validation loss was still falling when training stopped ({vl[quarter]:.3f} → {vl[best]:.3f} "
                 f"over the last quarter of the epochs)"
             )
         else:
@@ -92,6 +93,9 @@ class Overfit(Analyzer):
         suggestions = _suggestions(diagnosis, train_cfg, model_cfg, epochs[best], vl[best], vl[kept], best, kept, len(epochs))
 
         result = self.result()
+        if not curves["clean"]:
+            result.warnings.append("history.csv has no clean training pass (an older xdl wrote it): the training "
+                                   "curve is the loss logged during training, of augmented batches in train mode")
         result.metrics.update(
             diagnosis=diagnosis, evidence=evidence, suggestions=suggestions,
             best_epoch=int(epochs[best]), kept_epoch=int(epochs[kept]), epochs_run=len(epochs),
@@ -130,6 +134,12 @@ def _curves(run) -> dict[str, np.ndarray]:
     if lacking:
         raise XdlError(f"{run.path}/history.csv lacks the column {lacking[0]!r}; it needs {', '.join(columns)}")
     curves = {c: np.array([float(r[c]) for r in rows]) for c in columns}
+    # Compare like with like: the clean eval-mode pass over a training subset that xdl logs each
+    # epoch, not the loss of augmented/mixed/adversarial batches in train mode logged while training.
+    curves["clean"] = all(r.get("train_eval_loss") not in (None, "") for r in rows)
+    if curves["clean"]:
+        curves["train_loss"] = np.array([float(r["train_eval_loss"]) for r in rows])
+        curves["train_accuracy"] = np.array([float(r["train_eval_accuracy"]) for r in rows])
     curves["epoch"] = curves["epoch"].astype(int)
     curves["best"] = np.array([str(r.get("best", "")) == "True" for r in rows])
     return curves
@@ -171,7 +181,7 @@ def _plot(curves: dict, best: int, kept: int, test_accuracy: float):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
     epochs = curves["epoch"]
     for ax, what in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, curves[f"train_{what}"], label="train")
+        ax.plot(epochs, curves[f"train_{what}"], label="train (eval mode)" if curves["clean"] else "train (as logged)")
         ax.plot(epochs, curves[f"val_{what}"], label="validation")
         ax.axvline(epochs[best], color="grey", ls="--", lw=1, label=f"best validation (epoch {epochs[best]})")
         if kept != len(epochs) - 1:

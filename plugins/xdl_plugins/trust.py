@@ -138,6 +138,7 @@ def permuted_label_model(ctx: Context, when: str, result: Result) -> nn.Module |
     data randomization test), or None with a note in ``result.warnings`` when it is skipped."""
     import dataclasses
 
+    from xdl.device import seed_everything
     from xdl.models import build_model, set_normalization
     from xdl.training import TrainConfig, fit
 
@@ -153,6 +154,7 @@ def permuted_label_model(ctx: Context, when: str, result: Result) -> nn.Module |
         return None
     shuffled = data.train.y[torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(ctx.seed))]
     permuted = dataclasses.replace(data, train=dataclasses.replace(data.train, y=shuffled))
+    seed_everything(ctx.seed)  # the initial weights too follow from the seed, not from what ran before
     model = build_model(ctx.run.info["model"], data.input_shape, data.num_classes)
     set_normalization(model, data.train.x)
     config = TrainConfig(epochs=PERMUTED_LABEL_EPOCHS, device=str(ctx.device), seed=ctx.seed)

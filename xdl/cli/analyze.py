@@ -52,7 +52,7 @@ class MethodHelp(click.Command):
 
 def make_command(kind: str) -> click.Command:
     def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet,
-                trust_code, evaluate=False, data=None, **shortcuts):
+                trust_code, reencode, evaluate=False, data=None, **shortcuts):
         from xdl.api import analyze
 
         params = list(param)
@@ -61,6 +61,7 @@ def make_command(kind: str) -> click.Command:
             kind, run, method, samples="default" if samples is None else samples, split=split,
             indices=indices, target=_target(target), params=params, device=device, seed=seed,
             batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate, trust_code=trust_code,
+            reencode=reencode,
             **({"other": data} if data is not None else {}),
         )
         if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
@@ -83,6 +84,8 @@ def make_command(kind: str) -> click.Command:
         click.Option(["--seed"], type=seed_type, help="default: the run's training seed"),
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=256, show_default=True),
         click.Option(["--force"], is_flag=True, help="replace an earlier result of this method instead of adding METHOD-2"),
+        click.Option(["--reencode"], is_flag=True,
+                     help="analyze even though the data file changed since training, encoded with the run's saved encoding"),
         click.Option(["--quiet", "-q"], is_flag=True),
         trust_code_param(),
         *SHORTCUTS[kind],

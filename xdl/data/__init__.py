@@ -108,8 +108,12 @@ def random_splits(
     """Seeded, stratified train/val/test split (test only when no official one is given).
 
     Stratification keeps every class in every split when it can; it falls back to a plain
-    shuffle for classes too small to stratify. ``source`` is each row's number in its file
-    when ``x`` is already a selection of it (``--limit``); each split keeps these numbers.
+    shuffle for classes too small to stratify. ``spec["limit"]`` caps the training split at
+    that many rows, a seeded stratified sample of the full split's, and shrinks a val and a
+    test split made here by the same fraction: every limited split is a subset of the
+    unlimited one, so a test row never becomes a training row as the limit changes (an
+    official test split stays whole). ``source`` is each row's number in its
+    file when ``x`` is already a selection of it; each split keeps these numbers.
     """
     from sklearn.model_selection import train_test_split
 
@@ -137,6 +141,24 @@ def random_splits(
     else:
         rest, test_idx = index, None
     train_idx, val_idx = cut(rest, spec["val_fraction"], spec["seed"] + 1)
+    limit = spec.get("limit")
+    if limit is not None and int(limit) < 1:
+        raise XdlError(f"--limit must be a positive number of rows, not {limit}")
+    if limit and int(limit) < len(train_idx):
+        share = int(limit) / len(train_idx)
+
+        def keep(idx: np.ndarray, count: int, seed: int) -> np.ndarray:
+            if count >= len(idx):
+                return idx
+            try:
+                return train_test_split(idx, train_size=count, random_state=seed, stratify=y[idx])[0]
+            except ValueError:
+                return train_test_split(idx, train_size=count, random_state=seed)[0]
+
+        train_idx = keep(train_idx, int(limit), spec["seed"] + 2)
+        val_idx = keep(val_idx, max(1, round(share * len(val_idx))), spec["seed"] + 3)
+        if test_idx is not None:
+            test_idx = keep(test_idx, max(1, round(share * len(test_idx))), spec["seed"] + 4)
 
     def take(idx: np.ndarray) -> Split:
         xs = torch.as_tensor(x[np.sort(idx)] if isinstance(x, np.ndarray) else x[torch.as_tensor(np.sort(idx))])

@@ -15,7 +15,5 @@ def load_digits(spec: dict) -> DataSplits:
     # Pixel values are integers 0..16; scale to the [0, 1] image range every model expects.
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    if spec.get("limit"):
-        x, y = x[: spec["limit"]], y[: spec["limit"]]
     train, val, test = random_splits(x, y, spec)
     return DataSplits(train, val, test, "image", [str(c) for c in range(10)], spec)

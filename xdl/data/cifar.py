@@ -17,7 +17,6 @@ import numpy as np
 
 from xdl.data import random_splits
 from xdl.data.download import cache_dir, fetch, safe_extract
-from xdl.data.files import limit_index
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
 
@@ -194,10 +193,7 @@ def load_cifar10(spec: dict) -> DataSplits:
     for labels, where in ((y, f"the training batches in {folder}"), (yt, str(folder / (TEST_BATCH + suffix)))):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise XdlError(f"{where} hold labels outside 0..{len(class_names) - 1}")
-    index = limit_index(len(y), spec)
-    if index is not None:
-        x, y = x[index], y[index]
     x = x.astype(np.float32) / np.float32(255.0)
     xt = xt.astype(np.float32) / np.float32(255.0)
-    train, val, test = random_splits(x, y, spec, test=(xt, yt), source=index)
+    train, val, test = random_splits(x, y, spec, test=(xt, yt))
     return DataSplits(train, val, test, "image", class_names, spec)

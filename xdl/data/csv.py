@@ -160,7 +160,9 @@ def load_csv(spec: dict) -> DataSplits:
     rows = np.arange(len(frame), dtype=np.float64)[:, None]
     parts = random_splits(rows, y, spec, groups=groups)
     indices = [part.x[:, 0].long().numpy() for part in parts]
-    encoding = fit_encoding(frame.iloc[indices[0]], features)
+    # A run re-reading a changed file on purpose (--reencode) keeps the encoding it was trained with.
+    saved = spec.get("encoding")
+    encoding = Encoding.from_json(saved) if saved else fit_encoding(frame.iloc[indices[0]], features)
     splits = [
         Split(
             torch.from_numpy(encode_frame(frame.iloc[idx], encoding)),

@@ -7,28 +7,18 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from xdl.data import random_splits, stream
-from xdl.data.types import ColumnEncoding, DataSplits, Encoding
+from xdl.data.types import ColumnEncoding, DataSplits, Encoding, Split
 from xdl.errors import XdlError
 
-__all__ = ["IMAGE_SUFFIXES", "limit_index", "load_folder", "load_npz"]
+__all__ = ["IMAGE_SUFFIXES", "load_folder", "load_npz"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # Labels index the model's output layer: a stray 10**9 must not size a billion-class model.
 MAX_CLASSES = 1000
 MIN_SIDE = 2  # a 1×1 "image" has no spatial structure to explain or to convolve
-
-
-def limit_index(n: int, spec: dict) -> np.ndarray | None:
-    """Row indices kept under ``spec["limit"]``: a seeded sample (sorted), or None for all rows."""
-    limit = spec.get("limit")
-    if not limit or int(limit) >= n:
-        return None
-    if int(limit) < 1:
-        raise XdlError(f"--limit must be a positive number of rows, not {limit}")
-    rng = np.random.default_rng(spec.get("seed", 0))
-    return np.sort(rng.permutation(n)[: int(limit)])
 
 
 # --------------------------------------------------------------------------- npz
@@ -153,10 +143,7 @@ def load_npz(spec: dict) -> DataSplits:
     if len(np.unique(y)) < 2:
         raise XdlError(f"{path}: 'y' has only one class; need at least two")
 
-    index = limit_index(len(y), spec)
-    if index is not None:
-        x, y = x[index], y[index]
-    train, val, test_split = random_splits(x, y, spec, test=test, source=index)
+    train, val, test_split = random_splits(x, y, spec, test=test)
     if kind == "tabular":
         features = [f"f{i}" for i in range(x.shape[1])]
         encoding = Encoding([ColumnEncoding(name, "numeric") for name in features])
@@ -275,13 +262,16 @@ def load_folder(spec: dict) -> DataSplits:
     if len(class_names) < 2:
         raise XdlError(f"{root} has images for only one class ({class_names[0]!r}); need at least two class sub-folders")
 
-    index = limit_index(len(files), spec)
-    if index is not None:
-        files = [files[i] for i in index]
+    # Split file numbers first (as CSV splits row numbers): --limit then reads only the images it
+    # keeps, and a streamed folder holds only paths.
+    y = np.array([label for _, label in files], dtype=np.int64)
+    parts = random_splits(np.arange(len(files), dtype=np.float64)[:, None], y, spec)
+    kept = [part.x[:, 0].long().numpy() for part in parts]
     size, gray = _image_options(spec)
+    files = [files[i] for i in np.concatenate(kept)]  # train, val, test, in that order
     decoded, probed_gray = _probe(files, size, gray)
     if len(files) * (1 if probed_gray else 3) * decoded[0] * decoded[1] * 4 > stream.threshold():
-        return _streamed(files, class_names, spec, notes, decoded, probed_gray, given=size is not None)
+        return _streamed(files, parts, kept, class_names, spec, notes, decoded, probed_gray, given=size is not None)
     arrays: list[np.ndarray] = []
     for path, _ in files:
         array = _read_image(path, size, gray)
@@ -302,24 +292,26 @@ def load_folder(spec: dict) -> DataSplits:
         x = np.transpose(x, (0, 3, 1, 2))
         if any(a.ndim == 2 for a in arrays):
             notes.append("converted grayscale images to RGB to match the colour ones")
-    x = np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
-    y = np.array([label for _, label in files], dtype=np.int64)
-    train, val, test = random_splits(x, y, spec, source=index)
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0))
+    bounds = np.cumsum([0, *map(len, kept)])
+    train, val, test = (Split(x[a:b], part.y, part.groups, source=rows)
+                        for a, b, part, rows in zip(bounds, bounds[1:], parts, kept))
     return DataSplits(train, val, test, "image", class_names, spec, notes=notes)
 
 
-def _streamed(files: list[tuple[Path, int]], class_names: list[str], spec: dict, notes: list[str],
-              size: tuple[int, int], gray: bool, given: bool) -> DataSplits:
-    """The folder as streamed splits: paths and labels in memory, pixels decoded per batch."""
-    from xdl.data.types import Split
+def _streamed(files: list[tuple[Path, int]], parts: tuple, kept: list[np.ndarray], class_names: list[str],
+              spec: dict, notes: list[str], size: tuple[int, int], gray: bool, given: bool) -> DataSplits:
+    """The folder as streamed splits: paths and labels in memory, pixels decoded per batch.
 
-    y = np.array([label for _, label in files], dtype=np.int64)
-    # The same seeded, stratified split as the in-memory path: it depends on the labels only.
-    parts = random_splits(np.arange(len(y))[:, None], y, spec)
+    ``files`` are the kept files in split order (train, val, test); ``parts`` the splits of
+    their numbers, ``kept`` each split's numbers in the folder's listing.
+    """
     images = stream.ImageFiles([str(path) for path, _ in files], size, gray)
-    splits = [Split(stream.LazyImages(images, p.x[:, 0].long().numpy()), p.y) for p in parts]
-    gib = len(y) * (1 if gray else 3) * size[0] * size[1] * 4 / 2**30
-    notes.append(f"streaming {len(y)} images ({gib:.1f} GiB decoded) from disk in batches instead of holding them")
+    bounds = np.cumsum([0, *map(len, kept)])
+    splits = [Split(stream.LazyImages(images, np.arange(a, b)), p.y, p.groups, source=rows)
+              for a, b, p, rows in zip(bounds, bounds[1:], parts, kept)]
+    gib = len(files) * (1 if gray else 3) * size[0] * size[1] * 4 / 2**30
+    notes.append(f"streaming {len(files)} images ({gib:.1f} GiB decoded) from disk in batches instead of holding them")
     if not given:
         notes.append(f"images are resized and centre-cropped to the first one's {size[0]}×{size[1]}; "
                      "pass --input-size to choose")

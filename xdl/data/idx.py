@@ -19,7 +19,6 @@ import numpy as np
 
 from xdl.data import random_splits
 from xdl.data.download import cache_dir, fetch
-from xdl.data.files import limit_index
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
 from xdl.limits import require_memory
@@ -153,10 +152,7 @@ def _load_idx_dataset(spec: dict, name: str, class_names: list[str]) -> DataSpli
             f"{paths['test_images']} holds {xt.shape[2]}×{xt.shape[3]} images but "
             f"{paths['train_images']} holds {x.shape[2]}×{x.shape[3]}"
         )
-    index = limit_index(len(y), spec)
-    if index is not None:
-        x, y = x[index], y[index]
-    train, val, test = random_splits(x, y, spec, test=(xt, yt), source=index)
+    train, val, test = random_splits(x, y, spec, test=(xt, yt))
     return DataSplits(train, val, test, "image", list(class_names), spec)
 
 
