@@ -45,6 +45,12 @@ class Overfit(Analyzer):
         "passes."
     )
 
+    @classmethod
+    def applies(cls, ctx: Context) -> bool:
+        # A model brought in with `xdl import` has no training history to draw curves from.
+        imported = ctx.run is not None and isinstance(ctx.run.info.get("imported"), dict)
+        return super().applies(ctx) and not imported
+
     def run(self, ctx: Context, params: OverfitParams) -> Result:
         if ctx.run is None:
             raise XdlError("the overfit report needs a run directory: it reads the run's history.csv and metrics")
