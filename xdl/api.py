@@ -18,7 +18,7 @@ from xdl.models import build_model, load_user_weights, model_config, set_normali
 from xdl.analysis import analyze
 from xdl.run import Run, check_train_out, clear_run, new_run_path, save_run
 from xdl.trust import require_trust
-from xdl.training import TrainConfig, config_dict, evaluate, fit
+from xdl.training import SAMPLE_BUDGET, TrainConfig, config_dict, evaluate, fit
 from xdl.device import resolve_device, seed_everything
 
 
@@ -74,6 +74,10 @@ def train(
     splits = data if isinstance(data, DataSplits) else load_data(data, **data_options)
     for note in splits.notes:
         log(f"data: {note}")
+    if cfg.epochs is None:
+        cfg = cfg.for_samples(len(splits.train.y))
+        log(f"epochs: {cfg.epochs} (the default budget of about {SAMPLE_BUDGET:,} samples for "
+            f"{len(splits.train.y):,} training samples; --epochs sets it)")
     mcfg = model_config(model, splits.kind, **(model_options or {}))
     # Seed before building so the initial weights, too, follow from the seed.
     seed_everything(cfg.seed)

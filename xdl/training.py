@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,10 +35,23 @@ AUGMENTATIONS = ("shift", "rotate", "flip", "noise", "cutout")
 STREAM_EVAL_BATCH = 256  # evaluation batch of a streamed split: decoded images, not tensor slices
 PROBE_MIN = 256  # training samples evaluated clean each epoch, at least (else as many as validation has)
 
+# The default epoch count is a budget of training samples, not a fixed number of epochs:
+# one-cycle converges in fewer epochs the more data each epoch holds. 8,000 gives the 1,293
+# digits 6 epochs (98.6% test accuracy, as 15 did) and 3,600 real MNIST digits 2, where the
+# default CNN matches a tutorial's 3-epoch batch-32 DataLoader loop in well under half its
+# time (benchmarks/bench_recipe.py measures both); pass --epochs for more.
+SAMPLE_BUDGET = 8_000
+MIN_EPOCHS, MAX_EPOCHS = 2, 15
+
+
+def epoch_budget(samples: int) -> int:
+    """Epochs for ``samples`` training samples under the default budget, within [MIN_EPOCHS, MAX_EPOCHS]."""
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, round(SAMPLE_BUDGET / max(samples, 1))))
+
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
+    epochs: int | None = None  # None: epoch_budget of the training split's size
     batch_size: int = 128  # large batches keep the device busy; one-cycle makes them converge
     lr: float = 3e-3  # peak learning rate of the schedule
     optimizer: str = "adamw"  # adam | adamw | sgd (momentum 0.9, Nesterov)
@@ -68,7 +81,7 @@ class TrainConfig:
     dp_max_grad_norm: float = 1.0  # per-record gradient clip C, in gradient-norm units
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
+        if self.epochs is not None and self.epochs <= 0:
             raise XdlError(f"epochs must be > 0, got {self.epochs}")
         if not 0 < self.lr < math.inf:  # also refuses nan, which every comparison lets through
             raise XdlError(f"lr must be > 0 and finite, got {self.lr}")
@@ -98,6 +111,10 @@ class TrainConfig:
             from xdl.dp import check_config
 
             check_config(self)
+
+    def for_samples(self, samples: int) -> "TrainConfig":
+        """This config with its epoch count settled for a training split of ``samples``."""
+        return self if self.epochs is not None else replace(self, epochs=epoch_budget(samples))
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -235,6 +252,7 @@ def fit(
     A NaN or infinite loss raises :class:`TrainingDiverged`, leaving the last good checkpoint.
     """
     log = log or (lambda line: print(line, file=sys.stderr))
+    cfg = cfg.for_samples(len(data.train.y))
     if cfg.dp_epsilon is not None:  # DP-SGD samples, clips and noises its own way: xdl.dp's loop
         from xdl.dp import fit_private
 

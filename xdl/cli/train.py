@@ -22,7 +22,7 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--activation", help="relu | gelu | tanh | silu | elu")
 @click.option("--dropout", type=float, help="dropout probability in [0, 1)")
 @click.option("--batch-norm/--no-batch-norm", default=None)
-@click.option("--epochs", type=int, default=15, show_default=True)
+@click.option("--epochs", type=int, default=None, help="default: about 8,000 training samples' worth, 2-15 epochs (6 on digits)")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="peak learning rate")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adamw", show_default=True)

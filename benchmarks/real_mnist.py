@@ -1,0 +1,31 @@
+"""The 5,000 real MNIST digits shipped beside the repo (``../shared/data/mnist``), as a folder
+xdl's MNIST loader reads: the first ``train`` digits as the training files, the rest as t10k.
+
+Benchmarks only: the product and the tests never read ``shared/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ROOT.parent / "shared" / "data" / "mnist"
+IMAGES, LABELS = "digits5k-images-idx3-ubyte.gz", "digits5k-labels-idx1-ubyte.gz"
+HEADER = {IMAGES: 16, LABELS: 8}  # IDX header bytes: magic and one 4-byte size per dimension
+
+
+def write_real_mnist(out: Path, train: int = 4000, source: Path = DEFAULT) -> Path:
+    """Split the real digits into train/t10k IDX files under ``out``; returns ``out``."""
+    if not (source / IMAGES).is_file():
+        raise SystemExit(f"real MNIST digits not found in {source}: pass --mnist-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, kind in ((IMAGES, "images-idx3-ubyte"), (LABELS, "labels-idx1-ubyte")):
+        raw = gzip.decompress((source / name).read_bytes())
+        head, body = bytearray(raw[: HEADER[name]]), raw[HEADER[name]:]
+        size = len(body) // int.from_bytes(head[4:8], "big")  # bytes per sample
+        for prefix, part in (("train", body[: train * size]), ("t10k", body[train * size:])):
+            head[4:8] = (len(part) // size).to_bytes(4, "big")
+            (out / f"{prefix}-{kind}.gz").write_bytes(gzip.compress(bytes(head) + part))
+    return out
+
