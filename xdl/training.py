@@ -59,6 +59,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # NaN passes every bound below (each comparison is False), so refuse it for every field first.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise XdlError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.epochs <= 0:
             raise XdlError(f"epochs must be > 0, got {self.epochs}")
         if not 0 < self.lr < math.inf:  # also refuses nan, which every comparison lets through
