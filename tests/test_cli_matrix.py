@@ -441,6 +441,10 @@ def security_rows(w: dict[str, Path], add) -> None:
     add("explain", "--indices 2**70", "explain", w["run"], "--indices", str(2**70), *base)
     add("explain", "--seed 2**70", "explain", w["run"], "--seed", str(2**70), *base)
     add("train", "--seed 2**70", *TRAIN, "--seed", str(2**70), "--out", r / "new-run")
+    add("train", "--hidden 1000000000", *TRAIN, "--model", "mlp", "--hidden", "1000000000", "--out", r / "new-run")
+    add("train", "--hidden 20 layers of 65536 (1.3 TB, over free memory)", *TRAIN, "--model", "mlp",
+        "--hidden", ",".join(["65536"] * 20), "--out", r / "new-run")
+    add("train", "--adv-eps nan", *TRAIN, "--adv-train", "fgsm", "--adv-eps", "nan", "--out", r / "new-run")
     for name, what in [("two_rows.csv", "2-row csv"), ("target_inf.csv", "csv target inf"),
                        ("feature_1e400.csv", "csv 1e400 feature")]:
         add("train", what, *TRAIN, "--data", r / name, "--target", "y", "--out", r / "new-run")

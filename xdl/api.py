@@ -16,6 +16,7 @@ from xdl.data.types import DataSplits
 from xdl.errors import XdlError
 from xdl.models import build_model, load_user_weights, model_config, set_normalization
 from xdl.analysis import analyze
+from xdl.schema import check_model, check_model_memory
 from xdl.run import Run, check_train_out, clear_run, new_run_path, save_run
 from xdl.trust import require_trust
 from xdl.training import SAMPLE_BUDGET, TrainConfig, config_dict, evaluate, fit
@@ -79,6 +80,9 @@ def train(
         log(f"epochs: {cfg.epochs} (the default budget of about {SAMPLE_BUDGET:,} samples for "
             f"{len(splits.train.y):,} training samples; --epochs sets it)")
     mcfg = model_config(model, splits.kind, **(model_options or {}))
+    sized = {**mcfg, "in_shape": list(splits.input_shape), "num_classes": splits.num_classes}
+    # Training holds each parameter four times: weight, gradient and the optimizer's two moments.
+    check_model_memory("the model options", check_model("the model options", sized), bytes_per_parameter=16)
     # Seed before building so the initial weights, too, follow from the seed.
     seed_everything(cfg.seed)
     net = build_model(mcfg, splits.input_shape, splits.num_classes)

@@ -163,10 +163,13 @@ class Run:
         """
         import sys
 
-        from xdl.data import load_data
+        from xdl.data import DATASETS, FORMATS, load_data
         from xdl.provenance import splits_digest
 
-        data = self._named(load_data(self.info["data"]))
+        spec = self.info["data"]
+        if spec["name"] not in DATASETS and spec["name"] not in FORMATS:
+            raise XdlError(f"{self.path} was trained on data given in memory ({spec['name']!r}); xdl cannot reload it")
+        data = self._named(load_data(spec))
         saved = self.info.get("data_sha256")
         if saved is None or splits_digest(data) == saved:
             return data
@@ -321,10 +324,13 @@ def check_train_out(out: Path, force: bool, resume: bool) -> None:
         return
     if not force and unfinished:
         raise XdlError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
+    started = (out / checkpoint.FOLDER / checkpoint.CONFIG).is_file()  # stopped before its first epoch
+    if not force and started:
+        raise XdlError(f"{out} holds a run that stopped before its first epoch; pass --force to start over")
     ours = [name for name in (*RUN_FILES, checkpoint.FOLDER, *RESULT_KINDS) if (out / name).exists()]
     if not force and ours:
         raise XdlError(f"--out {out} already holds {ours[0]} (not from an xdl run); choose another --out")
-    if force and not (is_run or unfinished) and out.is_dir() and any(out.iterdir()):
+    if force and not (is_run or unfinished or started) and out.is_dir() and any(out.iterdir()):
         raise XdlError(f"--out {out} is not an xdl run (no run.json), so --force will not replace what is in it")
 
 

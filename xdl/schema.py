@@ -13,17 +13,19 @@ from typing import Any
 
 from xdl.errors import XdlError
 
-MAX_SIDE = 1 << 14  # pixels per image side, features per row
+MAX_SIDE = 1 << 20  # pixels per image side, features per row (MAX_INPUT bounds the product)
 MAX_INPUT = 1 << 24  # values per input (a 3×2048×2048 image is ~12.6 M)
 MAX_CLASSES = 100_000
 MAX_WIDTH = 1 << 16  # hidden units or conv channels per layer
 MAX_LAYERS = 64
 MAX_SEED = 2**32 - 1
+DATA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _fail(where: str, field: str, message: str) -> None:
-    raise XdlError(f"{where}: {field} {message}; the file is damaged or was not written by xdl")
+    damaged = "; the file is damaged or was not written by xdl" if where.endswith(".json") else ""
+    raise XdlError(f"{where}: {field} {message}{damaged}")
 
 
 def _int(where: str, field: str, value: Any, lo: int, hi: int) -> int:
@@ -59,7 +61,7 @@ def _dict(where: str, field: str, value: Any) -> dict:
 def _widths(where: str, field: str, value: Any, allow_int: bool) -> list[int]:
     if allow_int and isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_LAYERS:
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_LAYERS:
         _fail(where, field, f"must be a list of 1..{MAX_LAYERS} layer widths")
     return [_int(where, f"{field}[{i}]", v, 1, MAX_WIDTH) for i, v in enumerate(value)]
 
@@ -116,7 +118,9 @@ def check_model(where: str, model: Any, built: bool = True) -> dict:
         return model
     if _str(where, "model.activation", model.get("activation")) not in ACTIVATIONS:
         _fail(where, "model.activation", f"is {model['activation'][:40]!r}, not one of {', '.join(ACTIVATIONS)}")
-    _number(where, "model.dropout", model.get("dropout", 0.0), 0.0, 0.999)
+    dropout = _number(where, "model.dropout", model.get("dropout", 0.0), -math.inf, math.inf)
+    if not 0 <= dropout < 1:
+        _fail(where, "model.dropout", f"must be in [0, 1), got {dropout:g}")
     if not isinstance(model.get("batch_norm", False), bool):
         _fail(where, "model.batch_norm", "must be true or false")
     _widths(where, "model.hidden", model.get("hidden"), allow_int=name == "cnn")
@@ -132,8 +136,10 @@ def check_data(where: str, data: Any) -> dict:
 
     data = _dict(where, "data", data)
     name = _str(where, "data.name", data.get("name"))
-    if name not in DATASETS and name not in FORMATS:
-        _fail(where, "data.name", f"is {name[:80]!r}, not one of {', '.join([*DATASETS, *FORMATS])}")
+    # A name, never a path: make_spec would read "../../etc" as a folder of images. Data given
+    # in memory (a DataSplits) keeps its own name, and Run.data says it cannot be reloaded.
+    if not DATA_NAME.match(name) or ".." in name:
+        _fail(where, "data.name", f"is {name[:80]!r}, not a dataset name such as {', '.join([*DATASETS, *FORMATS])}")
     if name in FORMATS:
         _str(where, "data.path", data.get("path"))
     for key in ("target", "data_dir"):
@@ -170,8 +176,15 @@ def check_run_info(where: str, info: Any, built: bool = True) -> dict:
             _dict(where, key, info[key])
     if info.get("encoding") is not None and not isinstance(info["encoding"], list):
         _fail(where, "encoding", "must be a list of column encodings")
-    if built and model["name"] in ("mlp", "cnn"):
+    if built:
+        check_model_memory(where, model, bytes_per_parameter=8)  # the weights and the state dict read into them
+    return info
+
+
+def check_model_memory(where: str, model: dict, bytes_per_parameter: int) -> None:
+    """Refuse an mlp or cnn whose parameters (float32, times what each one carries) would not fit in memory."""
+    if model["name"] in ("mlp", "cnn"):
         from xdl.limits import require_memory
 
-        require_memory(4 * parameter_count(model), f"{where}: the {model['name']} it describes")
-    return info
+        count = parameter_count(model)
+        require_memory(bytes_per_parameter * count, f"{where}: the {model['name']} ({count:,} parameters)")

@@ -81,6 +81,11 @@ class TrainConfig:
     dp_max_grad_norm: float = 1.0  # per-record gradient clip C, in gradient-norm units
 
     def __post_init__(self) -> None:
+        # NaN passes every bound below (each comparison is False), so refuse it for every field first.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise XdlError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.epochs is not None and self.epochs <= 0:
             raise XdlError(f"epochs must be > 0, got {self.epochs}")
         if not 0 < self.lr < math.inf:  # also refuses nan, which every comparison lets through
