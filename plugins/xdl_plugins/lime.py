@@ -106,6 +106,10 @@ class Lime(Analyzer):
         result.arrays.update(weights=weights, segments=np.stack(segments), target=targets.numpy())
         result.metrics.update(mean_superpixels=float(np.mean([s.max() + 1 for s in segments])), mean_r2=float(scores.mean()),
                               model_evaluations_per_image=evaluated / len(ctx.x))
+        if result.metrics["mean_superpixels"] < 5:
+            result.warnings.append(
+                f"the segmentation cut these images into {result.metrics['mean_superpixels']:.1f} superpixels on average "
+                "(lime's quickshift defaults are made for photos); -p segmentation=slic gives a finer explanation")
         result.summary = f"LIME on {len(ctx.x)} images ({count} perturbations each); surrogate R² {scores.mean():.2f} on average"
         if figures_wanted():  # the outlines cost more than a fit; skipped when only the weights are wanted
             result.add_figure("lime", outline_figure(ctx, segments, weights, targets, params.top))
