@@ -123,7 +123,11 @@ def random_splits(
         try:
             return train_test_split(idx, test_size=fraction, random_state=seed, stratify=y[idx])
         except ValueError:
+            pass
+        try:
             return train_test_split(idx, test_size=fraction, random_state=seed)
+        except ValueError:
+            raise XdlError(f"{n} samples are too few to split into training, validation and test data") from None
 
     if test is None:
         rest, test_idx = cut(index, spec["test_fraction"], spec["seed"])
