@@ -123,8 +123,9 @@ def build_workspace(root: Path, good_run: Path) -> dict[str, Path]:
     (looped / "a" / "again").symlink_to(looped / "a", target_is_directory=True)  # a directory cycle
     (looped / "b" / "self.png").symlink_to(looped / "b" / "self.png")  # ELOOP on open
     broken = root / "corrupt_image"
-    _png(broken / "a" / "0.png", (8, 8))
-    (broken / "b").mkdir(parents=True)
+    for i in range(4):  # enough good images to split, so the corrupt one is read
+        _png(broken / "a" / f"{i}.png", (8, 8))
+        _png(broken / "b" / f"{i + 1}.png", (8, 8))
     (broken / "b" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     one = root / "one_class_folder"
     _png(one / "a" / "0.png", (8, 8))
@@ -156,6 +157,10 @@ def build_workspace(root: Path, good_run: Path) -> dict[str, Path]:
     w["lost_data_run"] = _run_variant(
         good, root, "lost_data_run",
         lambda p: (p / "run.json").write_text(json.dumps({**info, "data": {"name": "npz", "path": str(root / "gone.npz"), "seed": 0}})),
+    )
+    w["changed_data_run"] = _run_variant(  # data that no longer matches the digest stored at training
+        good, root, "changed_data_run",
+        lambda p: (p / "run.json").write_text(json.dumps({**info, "data_sha256": "0" * 64})),
     )
     (root / "no_run").mkdir()
     from safetensors.torch import save_file
@@ -316,6 +321,12 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
     add("train", "--input-size abc", *TRAIN, "--data", r / "mixed_sizes", "--input-size", "abc")
     add("train", "--color purple", *TRAIN, "--data", r / "mixed_sizes", "--color", "purple")
     add("train", "corrupt image with --input-size", *TRAIN, "--data", r / "corrupt_image", "--input-size", "8")
+
+    # --- provenance (issue 16): a run whose data changed since training is refused, not re-read silently
+    for kind in ("explain", "attack", "report"):
+        if loadable(kind):
+            add(kind, "run: data changed since training", kind, w["changed_data_run"], "--method", loadable(kind), "-n", "2", "-q")
+    add("audit", "run: data changed since training", "audit", w["changed_data_run"], "-q")
 
     security_rows(w, add)
     return rows

@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CASES = {
     "quickstart.py": (
         ["--epochs", "1", "--samples", "8", "--only", "ig,pgd,calibration"],
-        ["Robust accuracy (eps 0.1)", "Calibration (ECE)", "audit reused explain/ig, attack/pgd, report/calibration"],
+        ["Robust accuracy (PGD, eps 0.1)", "Calibration (ECE)", "audit reused explain/ig, attack/pgd, report/calibration"],
     ),
     "tabular_walkthrough.py": (
         ["--rows", "300", "--epochs", "3", "--samples", "40", "--only", "shap,bias"],

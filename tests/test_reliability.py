@@ -263,10 +263,10 @@ def nan_after(in_shape, num_classes, after: int = 5):
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    # 100 rows → 72 training rows → 3 steps of 32 per epoch; the 5th step is epoch 2, step 2.
+    # --limit 72 → 72 training rows → 3 steps of 32 per epoch; the 5th step is epoch 2, step 2.
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2 of 3.*epoch 1\) is kept") as info:
         xdl.train("digits", {"name": f"{__name__}:nan_after", "kwargs": {"after": 5}}, out, epochs=4,
-                  batch_size=32, quiet=True, data_options={"limit": 100})
+                  batch_size=32, quiet=True, data_options={"limit": 72})
     assert (info.value.epoch, info.value.step) == (2, 2)
     assert not (out / "run.json").exists()
     state = json.loads((out / "checkpoint" / "state.json").read_text())

@@ -131,10 +131,11 @@ def random_splits(
         try:
             return train_test_split(idx, test_size=fraction, random_state=seed, stratify=y[idx])
         except ValueError:
-            try:
-                return train_test_split(idx, test_size=fraction, random_state=seed)
-            except ValueError as exc:
-                raise XdlError(f"cannot split {len(idx)} rows: {str(exc).split('.')[0]}") from None
+            pass
+        try:
+            return train_test_split(idx, test_size=fraction, random_state=seed)
+        except ValueError:
+            raise XdlError(f"{n} samples are too few to split into training, validation and test data") from None
 
     if test is None:
         rest, test_idx = cut(index, spec["test_fraction"], spec["seed"])
