@@ -549,6 +549,9 @@ def _store(fmt: str, net: nn.Module, path: Path | None, out: Path, splits) -> st
         return fmt
     # A live module: the artifact of its kind, else a torch.export program.
     if hasattr(net, "save_pretrained") and hasattr(net, "config"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         net.save_pretrained(str(out / "model"), safe_serialization=True)
         return "hf"
     if type(net).__module__.startswith("keras"):

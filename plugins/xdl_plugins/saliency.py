@@ -492,10 +492,9 @@ class DeepLift(Attribution):
 
     def run(self, ctx: Context, params) -> Result:
         self.why = deeplift_obstacle(ctx.model, ctx.x[:1].to(ctx.device))
-        try:
-            result = super().run(ctx, params)
-        except _DeepLiftFailed as failed:
-            self.why = str(failed)
+        before = self.why
+        result = super().run(ctx, params)
+        if self.why != before:  # DeepLIFT failed on some batch: every sample falls back alike
             result = super().run(ctx, params)
         if self.why:
             result.warnings.append(
@@ -509,6 +508,8 @@ class DeepLift(Attribution):
         from captum.attr import DeepLift as CaptumDeepLift, IntegratedGradients as CaptumIG
 
         reference = baseline(ctx, x, params.baseline)
+        if not hasattr(self, "why"):  # called on its own, batch by batch (the trust report does)
+            self.why = deeplift_obstacle(ctx.model, x[:1].detach())
         if self.why:
             return CaptumIG(ctx.model).attribute(
                 x, baselines=reference, target=target, n_steps=FALLBACK_STEPS,
@@ -522,14 +523,11 @@ class DeepLift(Attribution):
                     x, baselines=reference, target=target, return_convergence_delta=True
                 )
             except RuntimeError as exc:  # e.g. an in-place ``+=`` on a hooked output
-                raise _DeepLiftFailed(first_sentence(exc)) from None
+                self.why = first_sentence(exc)
+        return self.attribute(ctx, x, target, params)
 
 
 FALLBACK_STEPS = 50  # integrated gradients' steps when DeepLIFT cannot run (captum's default)
-
-
-class _DeepLiftFailed(Exception):
-    """Raised out of a batch so that every sample falls back alike, not only the later ones."""
 
 
 def first_sentence(exc: Exception) -> str:
