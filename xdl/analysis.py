@@ -19,9 +19,9 @@ from xdl.run import Run
 def _select(split_x, split_y, groups: dict, samples: int | None, indices, decode: bool = False) -> tuple:
     """The samples to analyze: explicit indices, else the first ``samples``, else all.
 
-    Of a streamed split they are decoded when ``decode`` (explanations of chosen samples:
-    a few, used whole) or when they fit in memory; otherwise (an attack or a report over a
-    whole split) they stay a view, which analyzers walk with ``ctx.stream``.
+    Of a streamed split they are decoded when ``decode`` (chosen samples of a method that
+    uses them whole: explanations, the trust report) or when they fit in memory; otherwise
+    (attacks, reports over a whole split) they stay a view, walked with ``ctx.stream``.
     """
     import numpy as np
     import torch
@@ -111,7 +111,7 @@ def analyze(
         run = source if isinstance(source, Run) else Run(source)
         data = run.data
         part = data.split(split)
-        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, decode=kind == "explain" and (count is not None or indices is not None))
+        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, decode=kind != "attack" and (count is not None or indices is not None))
         ctx = Context(
             model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
             feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,
