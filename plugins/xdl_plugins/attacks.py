@@ -24,7 +24,7 @@ from xdl.data.stream import is_streamed
 from xdl.errors import XdlError
 
 GRID_SAMPLES = 8
-KEEP_STREAMED = 128  # adversarial images kept (saved, drawn) for a streamed split: memory stays bounded
+KEEP_STREAMED = 32  # adversarial images kept (saved, drawn) for a streamed split: memory stays bounded
 
 
 @dataclass
