@@ -196,7 +196,7 @@ def test_peak_memory_of_a_streamed_split_is_bounded_by_the_batch(tmp_path):
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
     # 1,728 training images at 3×96×96 are 182 MiB decoded. A bias report and an FGSM attack
-    # over all of them hold a few batches of 64 (7 MiB each) and 128 kept adversarial images
-    # (14 MiB); before the allocator fix the attack alone grew the process by 500 MiB.
+    # over all of them hold a few batches of 64 (7 MiB each) and 32 kept adversarial images
+    # (3.5 MiB); before the allocator fix the attack alone grew the process by 500 MiB.
     assert found["decoded_mib"] > 180
     assert found["growth_mib"] < 60, found

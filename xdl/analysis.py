@@ -20,9 +20,9 @@ from xdl.run import Run
 def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: int = 0, decode: bool = False) -> tuple:
     """The samples to analyze: explicit indices, else a seeded sample of ``samples``, else all.
 
-    Of a streamed split they are decoded when ``decode`` (explanations of chosen samples:
-    a few, used whole) or when they fit in memory; otherwise (an attack or a report over a
-    whole split) they stay a view, which analyzers walk with ``ctx.stream``.
+    Of a streamed split they are decoded when ``decode`` (chosen samples of a method that
+    uses them whole: explanations, the trust report) or when they fit in memory; otherwise
+    (attacks, reports over a whole split) they stay a view, walked with ``ctx.stream``.
     """
     import torch
 
@@ -167,7 +167,7 @@ def analyze(
         part = data.split(split)
         seed = run.seed if seed is None else seed
         xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, seed,
-                                        decode=kind == "explain" and (count is not None or indices is not None))
+                                        decode=kind != "attack" and (count is not None or indices is not None))
         ctx = Context(
             model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
             feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,

@@ -27,7 +27,7 @@ from xdl.limits import at_most
 
 GRID_SAMPLES = 8
 ROW_KEYS = ("eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "mean_confidence_drop")  # _measure's
-KEEP_STREAMED = 128  # adversarial images kept (saved, drawn) for a streamed split: memory stays bounded
+KEEP_STREAMED = 32  # adversarial images kept (saved, drawn) for a streamed split: memory stays bounded
 
 
 @dataclass
