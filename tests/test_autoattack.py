@@ -140,8 +140,8 @@ def test_masking_checks_flag_probability_outputs(digits):
 def test_autoattack_analyzer_result_and_findings(digits_run):
     result = xdl.attack(digits_run, "autoattack", samples=24, params={"eps": 0.1, "steps": 5, "targets": 2, "queries": 20})
     m = result.metrics
-    assert sum(m["broken_by"].values()) == 24
-    assert m["broken_by"]["robust"] == round(m["robust_accuracy"] * 24)
+    assert sum(m["broken_by"].values()) == pytest.approx(1.0)
+    assert m["broken_by"]["robust"] == pytest.approx(m["robust_accuracy"])
     assert len(result.tables["masking_checks"]) == 7
     from xdl_plugins.autoattack import AutoAttack
 

@@ -143,7 +143,8 @@ class AutoAttack(_Attack):
         result.arrays["broken_by"] = broken_by.numpy()
         counts = {name: int((broken_by == code).sum()) for code, name in enumerate(autoattack.ATTACKS)}
         counts["robust"] = int((broken_by < 0).sum())
-        result.metrics["broken_by"] = counts
+        # Shares, not counts: under torchrun the merge averages metrics weighted by share size.
+        result.metrics["broken_by"] = {k: v / max(len(broken_by), 1) for k, v in counts.items()}
         result.tables["broken_by"] = [{"attack": k, "samples": v} for k, v in counts.items()]
         if params.checks and len(ctx.x):
             labels = torch.as_tensor(result.arrays["labels"])
