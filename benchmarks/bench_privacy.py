@@ -12,6 +12,9 @@
 The digits come from ``--mnist DIR`` (default ../shared/data/mnist from the repo root);
 an xdl-readable MNIST folder (train-/t10k- IDX files) is written to a temporary folder.
 The machine's load average is printed with every row: other agents share these 2 cores.
+On a loaded machine run it with OMP_NUM_THREADS=1: two intra-op threads per process spin
+against the other jobs and multiply both wall and CPU time (seen here: one reference
+model took 7 minutes at load 25 with two threads, seconds with one).
 
     python benchmarks/bench_privacy.py [--quick] [--mnist DIR]
 """
