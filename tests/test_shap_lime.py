@@ -119,7 +119,7 @@ def test_lime_weights_equal_lime_given_the_same_masks(digits_run):
     from lime.lime_image import LimeImageExplainer
 
     params = {"segmentation": "slic", "n_segments": 12, "num_samples": 300}
-    result = xdl.explain(digits_run, "lime", samples=2, seed=5, params=params)
+    result = xdl.explain(digits_run, "lime", indices=[0, 1], seed=5, params=params)  # the rows the reference reads
     model = digits_run.model
 
     def classify(images):  # lime hands over RGB copies of the gray digit
