@@ -11,7 +11,6 @@ from torch import nn
 
 import xdl
 from xdl import robust
-from xdl.analyzers.registry import names
 from xdl.cli.main import main as xdl_main
 from xdl.testing import check_analyzer
 
