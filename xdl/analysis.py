@@ -135,7 +135,7 @@ def analyze(
         if x is None:
             raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels) or data=")
         validate.check_model(source)
-        x = validate.as_samples(x)
+        x = validate.as_samples(x, gray_hw=True)
         y = None if y is None else validate.as_labels(y, len(x))
         seed = 0 if seed is None else seed
         # Any output (tuple, dict, ModelOutput, probabilities) as class scores; N×H×W as images.

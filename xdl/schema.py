@@ -91,14 +91,23 @@ def parameter_count(model: dict) -> int:
     return total + dense(channels * height * width, [hidden] if isinstance(hidden, int) else hidden)
 
 
+# What xdl import stores a model as (xdl.imported.load_model reads exactly these).
+IMPORTED_FORMATS = ("hf", "keras", "pt2", "factory")
+
+
 def check_model(where: str, model: Any, built: bool = True) -> dict:
     """``built``: the config carries the input shape and class count (run.json, not a checkpoint's)."""
     model = _dict(where, "model", model)
     from xdl.models import ACTIVATIONS, BUILDERS
 
     name = _str(where, "model.name", model.get("name"))
-    if name not in BUILDERS:
-        _fail(where, "model.name", f"is {name[:80]!r}, not one of {', '.join(BUILDERS)}")
+    if name not in (*BUILDERS, "imported"):
+        _fail(where, "model.name", f"is {name[:80]!r}, not one of {', '.join(BUILDERS)}, imported")
+    if name == "imported":  # xdl import: the artifact beside run.json is the model (digest-checked on load)
+        if model.get("format") not in IMPORTED_FORMATS:
+            _fail(where, "model.format", f"is {str(model.get('format'))[:40]!r}, not one of {', '.join(IMPORTED_FORMATS)}")
+        if model["format"] == "factory" and not FACTORY.match(_str(where, "model.factory", model.get("factory"))):
+            _fail(where, "model.factory", f"is {model['factory'][:80]!r}, not package.module:function")
     if name == "custom":
         factory = _str(where, "model.factory", model.get("factory"))
         if not FACTORY.match(factory):

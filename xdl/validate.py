@@ -34,8 +34,12 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def as_samples(x: Any) -> torch.Tensor:
-    """``x`` as float32 N×F (tabular) or N×C×H×W (images) in the data's natural range."""
+def as_samples(x: Any, gray_hw: bool = False) -> torch.Tensor:
+    """``x`` as float32 N×F (tabular) or N×C×H×W (images) in the data's natural range.
+
+    ``gray_hw`` also takes N×H×W grayscale images, for a live model that wants them so
+    (a Keras ``Flatten`` first layer); the caller adds the channel axis.
+    """
     if torch.is_tensor(x):
         array_dtype = x.dtype
         tensor = x.detach()
@@ -48,7 +52,7 @@ def as_samples(x: Any) -> torch.Tensor:
             raise XdlError(f"x must hold numbers, not {array.dtype} values")
         tensor = torch.as_tensor(array)
         array_dtype = tensor.dtype
-    if tensor.dim() not in (2, 4):
+    if tensor.dim() not in ((2, 3, 4) if gray_hw else (2, 4)):
         hint = "; add the channel axis with x[:, None]" if tensor.dim() == 3 else ""
         raise XdlError(
             f"x has shape {tuple(tensor.shape)}: xdl analyzes N×F rows (tabular) or N×C×H×W images{hint}"
@@ -57,7 +61,7 @@ def as_samples(x: Any) -> torch.Tensor:
         raise XdlError("x holds no samples")
     if tensor.is_complex():
         raise XdlError("x must hold real numbers, not complex ones")
-    if tensor.dim() == 4 and not array_dtype.is_floating_point:
+    if tensor.dim() >= 3 and not array_dtype.is_floating_point:
         # 0..255 pixels read as floats would be 255× too bright for a model trained on [0, 1].
         raise XdlError(
             f"x holds {str(array_dtype).replace('torch.', '')} images; xdl takes images as floats in [0, 1]: "

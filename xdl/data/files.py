@@ -205,13 +205,15 @@ def _read_image(path: Path, size: tuple[int, int] | None = None, gray: bool | No
 
 
 def _image_options(spec: dict) -> tuple[tuple[int, int] | None, bool | None]:
-    """The spec's ``input_size`` (square side) and ``channels`` (1 or 3), checked."""
+    """The spec's ``input_size`` (a square side, or [height, width] as an imported model asks)
+    and ``channels`` (1 or 3), checked."""
     size, channels = spec.get("input_size"), spec.get("channels")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096):
+    sides = list(size) if isinstance(size, (list, tuple)) and len(size) == 2 else [size, size]
+    if size is not None and any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096 for v in sides):
         raise XdlError(f"--input-size must be a whole number of pixels in 1..4096, got {size!r}")
     if channels is not None and channels not in (1, 3):
         raise XdlError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-    return (None if size is None else (size, size)), (None if channels is None else channels == 1)
+    return (None if size is None else (sides[0], sides[1])), (None if channels is None else channels == 1)
 
 
 def _probe(files: list[tuple[Path, int]], size: tuple[int, int] | None, gray: bool | None) -> tuple[tuple[int, int], bool]:
