@@ -57,7 +57,7 @@ def test_corruptions_are_reproducible_and_refuse_bad_input(images):
 
 
 def test_analyzer_table_heatmap_and_findings(digits_run):
-    result = xdl.attack(digits_run, "corruptions", samples=40, params={"types": ["brightness", "impulse_noise"]})
+    result = xdl.attack(digits_run, "corruptions", indices=range(40), params={"types": ["brightness", "impulse_noise"]})
     rows = result.tables["corruptions"]
     assert len(rows) == 10 and "heatmap" in result.figures
     mean = sum(r["accuracy"] for r in rows) / len(rows)

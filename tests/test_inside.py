@@ -93,16 +93,18 @@ def test_dead_units_of_a_layer_with_a_very_negative_bias():
     model.train()
     x = torch.randn(20, 4)
     result = xdl.explain(model, "activations", x=x, samples=None, batch_size=7)
+    # A live model is analyzed inside xdl's wrapper (any output as class scores), so its
+    # layers are named under "model.".
     rows = {r["layer"]: r for r in result.tables["layers"]}
-    assert rows["1"]["dead_fraction"] == 1.0
-    assert rows["3"]["dead_fraction"] == 0.0
-    assert rows["0"]["dead_fraction"] is None  # only rectifiers have dead units
-    assert len(result.warnings) == 1 and "layer 1 (ReLU)" in result.warnings[0]
+    assert rows["model.1"]["dead_fraction"] == 1.0
+    assert rows["model.3"]["dead_fraction"] == 0.0
+    assert rows["model.0"]["dead_fraction"] is None  # only rectifiers have dead units
+    assert len(result.warnings) == 1 and "layer model.1 (ReLU)" in result.warnings[0]
     # Streamed statistics (batches of 7) equal the whole-tensor ones.
     with torch.no_grad():
         hidden = model[0](x)
-    assert rows["0"]["mean"] == pytest.approx(hidden.mean().item(), rel=1e-5)
-    assert rows["0"]["std"] == pytest.approx(hidden.std(unbiased=False).item(), rel=1e-4)
+    assert rows["model.0"]["mean"] == pytest.approx(hidden.mean().item(), rel=1e-5)
+    assert rows["model.0"]["std"] == pytest.approx(hidden.std(unbiased=False).item(), rel=1e-4)
     # An MLP has no feature maps or filters: said plainly, not an error.
     assert not result.figures and "filters" not in result.arrays
     assert "no conv layer" in result.summary and result.metrics["filters"].startswith("none")
