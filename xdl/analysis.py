@@ -28,7 +28,9 @@ def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: 
 
     from xdl.data.stream import select
 
-    index = selection(len(split_x), None if split_y is None else split_y.numpy(), samples, indices, seed)
+    from xdl.device import check_seed
+
+    index = selection(len(split_x), None if split_y is None else split_y.numpy(), samples, indices, check_seed(seed))
     t = torch.as_tensor(index, dtype=torch.long)
     y = split_y[t] if split_y is not None else None
     xs = split_x[t] if decode else select(split_x, index)
@@ -57,10 +59,10 @@ def selection(n: int, labels, samples: int | None, indices, seed: int):
         from sklearn.model_selection import train_test_split
 
         try:
-            return np.asarray(train_test_split(np.arange(n), train_size=samples, random_state=seed, stratify=labels)[0])
+            return np.asarray(train_test_split(np.arange(n), train_size=samples, random_state=seed % 2**32, stratify=labels)[0])
         except ValueError:  # fewer samples than classes, or a class with one member: plain sample
             pass
-    return np.random.default_rng(seed).permutation(n)[:samples]
+    return np.random.default_rng(seed % 2**32).permutation(n)[:samples]
 
 
 def analyze(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +30,20 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, numpy and torch; return a CPU generator for shuffling."""
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int that numpy and torch accept, or an XdlError."""
     try:
         seed = operator.index(seed)
     except TypeError:
         raise XdlError(f"seed must be an integer, not {type(seed).__name__}") from None
     if not -(2**63) <= seed < 2**64:  # numpy and torch overflow beyond 64 bits
         raise XdlError("seed must fit in 64 bits")
+    return seed
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a CPU generator for shuffling."""
+    seed = check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -185,13 +185,13 @@ def as_classifier(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.T
 
 def _probe(wrapped: Imported, x: torch.Tensor) -> torch.Tensor:
     """One forward pass on real samples; a model that rejects them is the user's error, in one line."""
+    from xdl.analyzers.base import eval_mode
+
     try:
-        was = wrapped.training
-        wrapped.eval()
-        try:
+        # eval_mode restores each module's own flag: wrapped.train(was) would switch the
+        # caller's model into the fresh wrapper's default training mode.
+        with eval_mode(wrapped):
             return wrapped(x)
-        finally:
-            wrapped.train(was)
     except XdlError:
         raise
     except Exception as exc:  # a foreign model raises anything for a wrong shape (RuntimeError, ValueError, …)
@@ -460,7 +460,10 @@ def import_model(
     artifact = out / ARTIFACT[fmt_saved] if fmt_saved in ARTIFACT else out / WEIGHTS
     seed_everything(seed)
     log(f"evaluating the imported model on {len(splits.train) + len(splits.val) + len(splits.test)} samples")
-    metrics = final_metrics(wrapped.eval(), splits, dev)
+    from xdl.analyzers.base import eval_mode
+
+    with eval_mode(wrapped):  # a live model goes back to the caller in its own modes
+        metrics = final_metrics(wrapped, splits, dev)
     wrapped.cpu()
     if fmt_saved == "factory":
         state = wrapped
