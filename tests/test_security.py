@@ -199,8 +199,7 @@ MISUSE = [
     ("x of rank 0", Linear, torch.tensor(1.0), None, None, "x has shape"),
     ("x of rank 1", Linear, torch.rand(4), None, None, "x has shape"),
     ("x of rank 5", Linear, torch.rand(2, 1, 1, 2, 2), None, None, "x has shape"),
-    # N×H×W is taken as grayscale images (a Keras Flatten-first model wants them); this model cannot take them.
-    ("x of rank 3", Linear, torch.rand(2, 2, 2), None, None, "the model rejects inputs of shape"),
+    # x of rank 3 is not misuse: N×H×W is taken as grayscale images (a Keras Flatten-first model wants them).
     ("empty x", Linear, torch.rand(0, 4), None, None, "x holds no samples"),
     ("strings as x", Linear, np.array([["a", "b", "c", "d"]] * 2), None, None, "x must hold numbers"),
     ("ragged x", Linear, [[1.0, 2.0], [3.0]], None, None, "x must be an array of numbers"),
