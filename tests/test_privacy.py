@@ -98,7 +98,8 @@ def test_lira_finds_the_members_of_an_overfit_run_and_reuses_its_reference_model
     from xdl.analyzers import load_analyzer
 
     (line,) = load_analyzer("report", "privacy").findings(again)
-    assert line.value == f"an attacker can identify {lira['tpr_at_fpr']['0.01']['tpr']:.1%} of training records at 1% false positives"
+    assert line.value == f"{lira['tpr_at_fpr']['0.01']['tpr']:.1%}"
+    assert line.detail.startswith(f"an attacker can identify {lira['tpr_at_fpr']['0.01']['tpr']:.1%} of training records at 1% false positives")
     assert "Carlini" in line.help and line.source == "report/privacy"
 
 

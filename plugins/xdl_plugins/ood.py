@@ -103,8 +103,8 @@ class Ood(Analyzer):
         if "best_auroc" not in m:
             return []
         return [Finding(
-            "out-of-distribution detection", f"AUROC {m['best_auroc']:.3f} ({SCORES[m['best_score']]})",
-            detail=f"against {m['out_data']}", source=f"report/{result.method}",
+            "Out-of-distribution detection (AUROC)", f"{m['best_auroc']:.3f}",
+            detail=f"by {SCORES[m['best_score']]}, against {m['out_data']}", source=f"report/{result.method}",
             level="warn" if m["best_auroc"] < 0.9 else "info",
             help="How well the model's confidence (max softmax, Hendrycks & Gimpel 2017), energy (Liu et al. 2020) or "
                  "feature distance (Mahalanobis, Lee et al. 2018) tells these inputs from its own test split; 0.5 is "

@@ -160,9 +160,9 @@ class Privacy(Analyzer):
         # Chance is TPR = FPR: 1%. Three times chance, or an AUC of 0.6, is a model that remembers records.
         worrying = at1["tpr"] >= 0.03 or best["auc"] >= 0.6
         return [Finding(
-            label="membership inference" + (f" (DP ε = {dp['epsilon']:.2f})" if dp else ""),
-            value=f"an attacker can identify {at1['tpr']:.1%} of training records at 1% false positives",
-            detail=detail, source=f"report/{result.method or 'privacy'}", level="warn" if worrying else "info",
+            label="Membership inference: records identified at 1% FPR" + (f" (DP ε = {dp['epsilon']:.2f})" if dp else ""),
+            value=f"{at1['tpr']:.1%}",
+            detail=f"an attacker can identify {at1['tpr']:.1%} of training records at 1% false positives; " + detail, source=f"report/{result.method or 'privacy'}", level="warn" if worrying else "info",
             help="The share of training records a membership-inference attack picks out while wrongly accusing 1% of "
                  "outsiders; chance is 1%, and several times that means the model memorizes individual records "
                  "(LiRA, Carlini et al. 2022) — train with --dp-epsilon to bound it.",
