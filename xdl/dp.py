@@ -104,7 +104,7 @@ def fit_private(
 
     from xdl import distributed
     from xdl.device import seed_everything
-    from xdl.training import TrainingDiverged, _optimizer, _progress, _scheduler, augment, evaluate
+    from xdl.training import TrainingDiverged, _optimizer, _progress, _scheduler, augment, early_stopping, evaluate
 
     world = distributed.current()
     if world.size > 1:
@@ -192,12 +192,8 @@ def fit_private(
                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  ε {epsilon:.3f}")
             # Choosing the epoch on validation data spends no privacy of the training records.
             if cfg.early_stopping:
-                import copy
-
-                if best is None or val["loss"] < best[0]:
-                    best = (val["loss"], epoch, copy.deepcopy(model.state_dict()))
-                elif epoch - best[1] >= cfg.early_stopping:
-                    log(f"early stopping: validation loss has not improved since epoch {best[1]}")
+                best, stop = early_stopping(best, val["loss"], epoch, model, cfg.early_stopping, log)
+                if stop:
                     break
     finally:
         quiet.__exit__(None, None, None)

@@ -241,6 +241,17 @@ class TrainingDiverged(XdlError):
         self.epoch, self.step = epoch, step
 
 
+def early_stopping(best: tuple | None, val_loss: float, epoch: int, model: nn.Module, patience: int,
+                   log: Logger) -> tuple[tuple, bool]:
+    """The best (validation loss, epoch, weights) so far, and whether ``patience`` epochs passed without a better one."""
+    if best is None or val_loss < best[0]:
+        return (val_loss, epoch, copy.deepcopy(model.state_dict())), False
+    if epoch - best[1] >= patience:
+        log(f"early stopping: validation loss has not improved since epoch {best[1]}")
+        return best, True
+    return best, False
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -389,10 +400,8 @@ def fit(
             best = (math.nan, guard.best_epoch, guard.best_state)
             break
         if cfg.early_stopping:
-            if best is None or val["loss"] < best[0]:
-                best = (val["loss"], epoch, copy.deepcopy(model.state_dict()))
-            elif epoch - best[1] >= cfg.early_stopping:
-                log(f"early stopping: validation loss has not improved since epoch {best[1]}")
+            best, stop = early_stopping(best, val["loss"], epoch, model, cfg.early_stopping, log)
+            if stop:
                 break
         if checkpoint_dir is not None and world.main:
             checkpoint.save(checkpoint_dir, epoch, model, opt, sched, scaler, generator, history, best)
