@@ -403,13 +403,7 @@ def import_model(
 
         require_trust(f"the model {str(model)!r}", trust_code)  # before loading any data
     # 1. the model's own metadata, then the data at the size it wants
-    net, meta = None, {}
-    if fmt == "hf":
-        net, meta = read_hf(path)
-    elif fmt == "keras":
-        net, meta = read_keras(path)
-    elif fmt == "pt2":
-        net, meta = read_pt2(path)
+    net, meta = READERS[fmt](path) if fmt in READERS else (None, {})
     size = list(input_size) if input_size is not None else meta.get("size")
     if size is None and meta.get("model_shape") and len(meta["model_shape"]) >= 2:
         dims = meta["model_shape"]
@@ -579,6 +573,10 @@ def _store(fmt: str, net: nn.Module, path: Path | None, out: Path, splits) -> st
     return "pt2"
 
 
+# The forms whose file carries the whole model, each read the same way at import and at reload.
+READERS = {"hf": read_hf, "keras": read_keras, "pt2": read_pt2}
+
+
 # -----------------------------------------------------------------------------------------
 # Reloading an imported run (xdl.run.Run.model calls this)
 # -----------------------------------------------------------------------------------------
@@ -602,12 +600,8 @@ def load_model(run, trust_code: bool | None = None) -> nn.Module:
     if fmt != "factory" and info.get("digest") and sha256(artifact) != info["digest"]:
         raise XdlError(f"{artifact} does not match the sha256 recorded in run.json: the model was changed after import")
     in_shape = tuple(cfg["in_shape"])
-    if fmt == "hf":
-        net, _ = read_hf(artifact)
-    elif fmt == "keras":
-        net, _ = read_keras(artifact)
-    elif fmt == "pt2":
-        net, _ = read_pt2(artifact)
+    if fmt in READERS:
+        net, _ = READERS[fmt](artifact)
     else:
         from xdl.models import build_custom
 

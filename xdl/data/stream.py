@@ -33,30 +33,30 @@ INLINE = 64  # up to this many images are decoded in this process; more go to th
 STATS_SAMPLES = 2000  # images a mean/std is estimated from (a seeded sample; exact below it)
 
 
+def _env_count(name: str, unit: str) -> int | None:
+    """A non-negative whole number from environment variable ``name``; None when it is unset."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise XdlError(f"{name} must be a whole number{unit}, got {value!r}") from None
+    if count < 0:
+        raise XdlError(f"{name} must be ≥ 0, got {count}")
+    return count
+
+
 def threshold() -> int:
     """Decoded bytes above which an image folder is streamed instead of held in memory."""
-    value = os.environ.get("XDL_STREAM_BYTES")
-    if value is None:
-        return THRESHOLD
-    try:
-        limit = int(value)
-    except ValueError:
-        raise XdlError(f"XDL_STREAM_BYTES must be a whole number of bytes, got {value!r}") from None
-    if limit < 0:
-        raise XdlError(f"XDL_STREAM_BYTES must be ≥ 0, got {limit}")
-    return limit
+    limit = _env_count("XDL_STREAM_BYTES", " of bytes")
+    return THRESHOLD if limit is None else limit
 
 
 def workers() -> int:
     """Decoding processes: XDL_WORKERS, else one per usable core (at most 8; 0 decodes in this process)."""
-    value = os.environ.get("XDL_WORKERS")
-    if value is not None:
-        try:
-            count = int(value)
-        except ValueError:
-            raise XdlError(f"XDL_WORKERS must be a whole number, got {value!r}") from None
-        if count < 0:
-            raise XdlError(f"XDL_WORKERS must be ≥ 0, got {count}")
+    count = _env_count("XDL_WORKERS", "")
+    if count is not None:
         return count
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(usable, 8)
