@@ -232,8 +232,9 @@ class Run:
                 except FileExistsError:
                     # A folder holding only an analyzer's cache (privacy's reference models, made
                     # while this result was computed) is the result's own: claim it by a marker
-                    # that mkdir, too, gives to one process only; Result.save drops it.
-                    if target.is_dir() and not (target / "result.json").exists():
+                    # that mkdir, too, gives to one process only; Result.save drops it. An empty
+                    # folder is another process's fresh claim, not a cache.
+                    if target.is_dir() and any(target.iterdir()) and not (target / "result.json").exists():
                         try:
                             (target / CLAIM).mkdir()
                             return target
