@@ -12,16 +12,21 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import xdl
-from xdl.privacy import attack_metrics, half_assignment, lira_offline
+from xdl.privacy import attack_metrics, auc_interval, half_assignment, lira_offline
 
 
 def test_loss_threshold_auc_is_sklearns_on_the_same_losses(digits_run):
+    from xdl_plugins.privacy import outside_records
+
     result = xdl.report(digits_run, "privacy", params={"shadows": 0}, save=False)
     data, model = digits_run.data, digits_run.model
-    members, outsiders = result.arrays["train_index"], result.arrays["test_index"]
-    assert len(members) == len(outsiders) == len(data.test)  # balanced, and capped by the smaller split
-    x = torch.cat([data.train.x[members], data.test.x[outsiders]])
-    y = torch.cat([data.train.y[members], data.test.y[outsiders]])
+    members, outsiders = result.arrays["train_index"], result.arrays["outside_index"]
+    # digits' test split is cut from the same rows as training: validation and test records are all non-members.
+    pool, _, alike = outside_records(digits_run, data, np.random.default_rng(0))
+    assert alike == len(pool) == len(data.val) + len(data.test)
+    assert len(members) == len(outsiders) == min(len(data.train), len(pool))  # balanced
+    x = torch.cat([data.train.x[members], pool.x[outsiders]])
+    y = torch.cat([data.train.y[members], pool.y[outsiders]])
     with torch.no_grad():
         loss = F.cross_entropy(model(x), y, reduction="none").numpy()
     is_member = np.r_[np.ones(len(members)), np.zeros(len(outsiders))]
@@ -43,6 +48,9 @@ def test_tpr_at_low_fpr_and_balanced_accuracy_by_hand():
     # members 999..1004, 6 of 10.
     assert m["tpr_at_fpr"]["0.001"]["tpr"] == pytest.approx(0.6)
     assert m["auc"] == pytest.approx(roc_auc_score(is_member, scores))
+    # Scores that know nothing: on 300 vs 300 the AUC's 95% interval holds 0.5 and spans about ±0.045.
+    lo, hi = auc_interval(np.random.default_rng(3).random(600), np.r_[np.ones(300, bool), np.zeros(300, bool)])
+    assert lo < 0.5 < hi and 0.06 < hi - lo < 0.13
 
 
 def test_offline_lira_z_score_by_hand():
@@ -82,6 +90,8 @@ def test_lira_finds_the_members_of_an_overfit_run_and_reuses_its_reference_model
     assert first.metrics["headline"] == "lira" and lira["members"] == lira["non_members"] == 216
     assert lira["auc"] > 0.6, lira  # a model that memorized 30% random labels gives its members away
     assert first.metrics["attacks"]["loss"]["auc"] > 0.6
+    # The reference-model cache made report/privacy/ during the run; the result still goes there.
+    assert first.path == overfit_run.path / "report" / "privacy" and not (first.path / ".claimed").exists()
     cache = overfit_run.path / "report" / "privacy" / "shadows"
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == 8 and len(list(cache.glob("*.json"))) == 8
@@ -165,3 +175,45 @@ def test_an_incompatible_model_is_refused_in_one_sentence(tmp_path):
     with pytest.raises(xdl.errors.XdlError, match="cannot be trained with differential privacy"):
         xdl.train("digits", "test_privacy:incompatible", tmp_path / "x", epochs=1, dp_epsilon=3.0, quiet=True,
                   device="cpu", data_options={"limit": 100})
+
+
+def test_a_dp_run_left_to_its_defaults_trains_a_small_dp_cnn_and_says_so(tmp_path, capsys):
+    from xdl.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--dp-epsilon", "3", "--epochs", "1", "--limit", "300", "--device", "cpu",
+              "--out", str(tmp_path / "dp")])
+    assert done.value.code == 0
+    err = capsys.readouterr().err
+    run = xdl.load(tmp_path / "dp")
+    assert run.info["model"]["name"] == "dpcnn" and run.info["model"]["group_norm"] == 4
+    assert (run.info["train"]["batch_size"], run.info["train"]["lr"], run.info["train"]["epochs"]) == (256, 0.01, 1)
+    assert "xdl chose the dpcnn model" in err and "batch size 256, learning rate 0.01 (" in err
+    assert "replaced" not in err  # built private-trainable: nothing for Opacus' fixer to change
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in run.model.modules())
+    # What the user chose stays; a plain run keeps the plain defaults.
+    mine = xdl.train("digits", "mlp", tmp_path / "mine", dp_epsilon=3.0, batch_size=64, epochs=1, device="cpu",
+                     quiet=True, data_options={"limit": 300})
+    assert mine.info["model"]["name"] == "mlp" and mine.info["train"]["batch_size"] == 64
+    assert mine.info["train"]["lr"] == 0.01
+    plain = xdl.train("digits", out=tmp_path / "plain", epochs=1, device="cpu", quiet=True, data_options={"limit": 100})
+    assert plain.info["model"]["name"] == "cnn" and plain.info["train"]["batch_size"] == 128
+
+
+def test_non_members_are_held_out_training_rows_not_a_separate_test_file(tmp_path):
+    from test_data import write_mnist
+    from xdl_plugins.privacy import outside_records
+
+    write_mnist(tmp_path / "mnist", gz=True, n_train=60, n_test=20)
+    run = xdl.train("mnist", "mlp", tmp_path / "run", epochs=1, device="cpu", quiet=True,
+                    data_options={"data_dir": str(tmp_path / "mnist"), "limit": 20})
+    data = run.data
+    pool, order, alike = outside_records(run, data, np.random.default_rng(0))
+    # 54 training + 6 validation rows, 20 trained on: 40 held out, then the 20 of t10k.
+    assert (alike, len(pool)) == (40, 60) and sorted(order[:alike]) == list(range(40))
+    assert not np.isin(pool.source_index[:alike], data.train.source_index).any()
+    result = xdl.report(run, "privacy", params={"shadows": 0}, save=False, device="cpu")
+    assert len(result.arrays["outside_index"]) == 20 and (result.arrays["outside_index"] < alike).all()
+    assert not any("separate test file" in w for w in result.warnings)
+    lo, hi = result.metrics["attacks"]["loss"]["auc_ci95"]
+    assert lo <= result.metrics["attacks"]["loss"]["auc"] <= hi

@@ -62,7 +62,14 @@ def train(
         data, model, data_options, model_options = saved["data"], saved["model"], None, None
         cfg = TrainConfig.from_dict(saved["train"])
     else:
-        cfg = TrainConfig(**train_options)
+        # None is "not chosen" (the CLI's unset flags), so a DP run can fill in its own defaults.
+        train_options = {k: v for k, v in train_options.items() if v is not None}
+        dp_chosen: dict = {}
+        if train_options.get("dp_epsilon") is not None:
+            from xdl.dp import DEFAULTS
+
+            dp_chosen = {k: v for k, v in DEFAULTS.items() if k not in train_options}
+        cfg = TrainConfig(**train_options, **dp_chosen)
     resolve_device(cfg.device)  # fail on a missing GPU before loading any data
     world = distributed.join(cfg.device)  # torchrun's process group; a no-op for one process
     if not world.main:  # rank 0 speaks and writes for all
@@ -75,6 +82,13 @@ def train(
     splits = data if isinstance(data, DataSplits) else load_data(data, **data_options)
     for note in splits.notes:
         log(f"data: {note}")
+    if not resume and cfg.dp_epsilon is not None:
+        from xdl.dp import choose_model, describe_defaults
+
+        model = choose_model(model, splits.kind)
+        line = describe_defaults(model, dp_chosen)
+        if line:
+            log(line)
     if cfg.epochs is None:
         cfg = cfg.for_samples(len(splits.train.y))
         log(f"epochs: {cfg.epochs} (the default budget of about {SAMPLE_BUDGET:,} samples for "

@@ -24,6 +24,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": [256, 128], "activation": "relu", "dropout": 0.0, "batch_norm": False},
     # Two conv stages suit 8×8 digits up to 28×28 MNIST; CIFAR-sized inputs want a third.
     "cnn": {"channels": [32, 64], "hidden": 128, "activation": "relu", "dropout": 0.0, "batch_norm": True},
+    # The MNIST network of Papernot et al. 2021 ("Tempered Sigmoid Activations for Deep Learning
+    # with Differential Privacy"), ~35k parameters, so DP-SGD's per-record gradients stay cheap,
+    # with GroupNorm of 4 groups after each convolution (De et al. 2022). Their tanh measured
+    # worse than ReLU here under xdl's AdamW at ε = 3 on 3,600 real digits (82.8% vs 87.8%).
+    "dpcnn": {"channels": [16, 32], "hidden": 32, "activation": "relu", "dropout": 0.0, "group_norm": 4},
 }
 
 
@@ -104,12 +109,48 @@ def build_cnn(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.S
     return nn.Sequential(*layers)
 
 
+def build_dpcnn(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """Strided convolutions (8×8, then 4×4, stride 2), each followed by a 2×2 max-pool of stride 1.
+
+    Striding from the first layer keeps the activations, and so the per-record gradients
+    Opacus materializes, small. ``group_norm`` is the groups per GroupNorm (0: none); it
+    never mixes records, so DP-SGD may use it where BatchNorm is refused.
+    """
+    _check(config)
+    groups = config.get("group_norm", 0)
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 0 <= groups <= 1024:
+        raise XdlError(f"group_norm must be a whole number of groups in 0..1024, got {groups!r}")
+    if len(in_shape) != 3:
+        raise XdlError(f"the dpcnn model needs image inputs (C×H×W); this data has shape {list(in_shape)}")
+    channels, size = in_shape[0], min(in_shape[1:])
+    layers: list[nn.Module] = [Normalize((channels, 1, 1))]
+    for i, width in enumerate(config["channels"]):
+        # 8×8 then 4×4 kernels (narrower on tiny images): 28 px → 14 → 13 → 6 → 5; 8 px → 4 → 3 → 2 → 1.
+        kernel = min(8 if i == 0 else 4, size)
+        padding = (kernel - 1) // 2
+        layers.append(nn.Conv2d(channels, width, kernel, 2, padding=padding))
+        if groups:  # a group count that divides the layer's width, as Opacus' fixer picks
+            layers.append(nn.GroupNorm(math.gcd(groups, width), width))
+        layers.append(_activation(config["activation"]))
+        size = (size + 2 * padding - kernel) // 2 + 1
+        if size >= 2:
+            layers.append(nn.MaxPool2d(2, 1))
+            size -= 1
+        channels = width
+    layers.append(nn.Flatten())
+    with torch.no_grad():
+        flat = nn.Sequential(*layers[1:])(torch.zeros(1, *in_shape)).shape[1]
+    hidden = config["hidden"]
+    layers += _dense(flat, [hidden] if isinstance(hidden, int) else hidden, num_classes, config, batch_norm=False)
+    return nn.Sequential(*layers)
+
+
 def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A user's ``package.module:factory``, called as factory(in_shape, num_classes, **kwargs)."""
     target = config.get("factory", "")
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise XdlError(f"--model must be mlp, cnn or package.module:factory, got {target!r}")
+        raise XdlError(f"--model must be mlp, cnn, dpcnn or package.module:factory, got {target!r}")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
@@ -129,7 +170,7 @@ def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> n
     return model
 
 
-BUILDERS = {"mlp": build_mlp, "cnn": build_cnn, "custom": build_custom}
+BUILDERS = {"mlp": build_mlp, "cnn": build_cnn, "dpcnn": build_dpcnn, "custom": build_custom}
 
 
 def model_config(model: str | dict = "auto", kind: str = "image", **overrides) -> dict:
@@ -141,7 +182,7 @@ def model_config(model: str | dict = "auto", kind: str = "image", **overrides) -
     if ":" in name:
         config.update(name="custom", factory=name)
     elif name not in BUILDERS:
-        raise XdlError(f"unknown model {name!r}: choose mlp, cnn or package.module:factory")
+        raise XdlError(f"unknown model {name!r}: choose mlp, cnn, dpcnn or package.module:factory")
     for key, value in DEFAULTS.get(config["name"], {}).items():
         config.setdefault(key, value)
     config.update({k: v for k, v in overrides.items() if v is not None})

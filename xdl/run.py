@@ -26,7 +26,7 @@ from torch import nn
 
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
-from xdl.io import atomic_path, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
+from xdl.io import CLAIM, atomic_path, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
 from xdl.schema import check_run_info
 from xdl.trust import require_trust
 
@@ -230,6 +230,16 @@ class Run:
                     target.mkdir()
                     return target
                 except FileExistsError:
+                    # A folder holding only an analyzer's cache (privacy's reference models, made
+                    # while this result was computed) is the result's own: claim it by a marker
+                    # that mkdir, too, gives to one process only; Result.save drops it. An empty
+                    # folder is another process's fresh claim, not a cache.
+                    if target.is_dir() and any(target.iterdir()) and not (target / "result.json").exists():
+                        try:
+                            (target / CLAIM).mkdir()
+                            return target
+                        except FileExistsError:
+                            pass
                     n += 1
         except OSError as exc:
             raise write_error(exc, folder) from None

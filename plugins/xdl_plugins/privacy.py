@@ -1,11 +1,15 @@
 """Privacy: can an attacker tell the run's training records from records it never saw?
 
-Members are a seeded subset of the training split, non-members the test split, as many of
-each. Three threshold attacks on the model alone (Yeom et al. 2018: loss, confidence,
-entropy) and offline LiRA (Carlini et al. 2022) with ``shadows`` reference models trained
-with the run's own config on random halves of the validation and test splits; the
-algorithms live in :mod:`xdl.privacy`. Reference models are cached in
-``RUN/report/privacy/shadows/`` and reused.
+Members are a seeded subset of the training split, non-members as many records the run
+never trained on, drawn like the members: the validation split and the training rows
+``--limit`` left out, and the test split too when it was cut from the same rows. An
+official test file (MNIST's t10k) may differ in distribution, and an attack would read that
+difference as membership, so its records fill in only where the held-out rows run short,
+with a warning. Three threshold attacks on the model alone (Yeom et al. 2018: loss,
+confidence, entropy) and offline LiRA (Carlini et al. 2022) with ``shadows`` reference
+models trained with the run's own config (DP-SGD too, for a DP run) on random halves of a
+population of those outside records, held-out rows first; the algorithms live in
+:mod:`xdl.privacy`. Reference models are cached in ``RUN/report/privacy/shadows/`` and reused.
 
 >>> result = xdl.report(run, "privacy", params={"shadows": 8})      # doctest: +SKIP
 >>> result.metrics["attacks"]["lira"]["tpr_at_fpr"]["0.01"]["tpr"]   # doctest: +SKIP
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from xdl.analyzers import Analyzer, Context, Finding, Result
-from xdl.data.types import Split
+from xdl.data.types import DataSplits, Split
 from xdl.errors import XdlError
 from xdl.privacy import attack_metrics, lira_offline, reference_models, roc_points, signals, threshold_scores
 
@@ -62,42 +66,52 @@ class Privacy(Analyzer):
         if len(data.test) < 2 or len(data.train) < 2:
             raise XdlError("the privacy report needs at least 2 training and 2 test records")
         rng = np.random.default_rng(params.seed)
+        result = self.result()
+        pool, order, alike = outside_records(ctx.run, data, rng)
+        # Non-members come from the records drawn like the training split; a separate test
+        # file's only when fewer than 100 of those exist (then said in a warning).
+        candidates = order[:alike] if alike >= min(100, len(data.train)) else order
+        if len(candidates) > alike:
+            result.warnings.append(
+                f"only {alike} held-out training records exist, so non-members include {len(candidates) - alike} records "
+                "of the separate test file: if it differs in distribution from the training data, the attacks read that "
+                "difference as membership"
+            )
         # Balanced: as many members as non-members, so a 50% guess is chance and AUC reads plainly.
-        n_in = n_out = min(params.members or len(data.test), len(data.train), len(data.test))
+        n_in = n_out = min(params.members or len(candidates), len(data.train), len(candidates))
         member_index = np.sort(rng.choice(len(data.train), n_in, replace=False))
-        test_index = np.sort(rng.choice(len(data.test), n_out, replace=False))
-        x = torch.cat([data.train.x[member_index], data.test.x[test_index]])
-        y = torch.cat([data.train.y[member_index], data.test.y[test_index]])
+        outside_index = candidates[:n_out]
+        x = torch.cat([data.train.x[member_index], pool.x[outside_index]])
+        y = torch.cat([data.train.y[member_index], pool.y[outside_index]])
         is_member = np.r_[np.ones(n_in, bool), np.zeros(n_out, bool)]
         target = signals(ctx.model, x, y, ctx.device)
         scores = threshold_scores(target)
-        result = self.result()
         if params.shadows:
             # LiRA's population is twice the training set, so each half is as large as the
             # run's own training set; the non-training data may hold fewer records than that.
-            pool = _concat(data.val, data.test)
+            # It is taken in ``order``: the non-members and the records drawn like them first.
             size = min(len(pool), 2 * len(data.train))
-            chosen = np.sort(rng.choice(len(pool), size, replace=False))
+            chosen = np.sort(order[:size])
             if size < 2 * len(data.train):
                 result.warnings.append(
-                    f"the reference models train on halves of {size} validation and test records, {size // 2} each, "
+                    f"the reference models train on halves of {size} records the run never trained on, {size // 2} each, "
                     f"fewer than the run's {len(data.train)} training records: LiRA is weaker than it could be"
                 )
             cache = ctx.run.path.joinpath(*CACHE) if getattr(ctx.run, "path", None) else None
             bar = _bar(params.shadows, ctx.progress)
-            population_id = hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
+            population_id = hashlib.sha256(pool.source_index[chosen].tobytes() + chosen.tobytes()).hexdigest()[:16]
             models, keep, records = reference_models(
-                ctx.run.info, data, pool.subset(chosen), f"val+test:{len(data.val)}+{n_out}:{population_id}",
+                ctx.run.info, data, pool.subset(chosen), f"outside:{len(pool)}:{population_id}",
                 params.shadows, params.seed, cache, ctx.device, bar.update if bar else None,
             )
             if bar:
                 bar.close()
             shadow_phi = np.stack([signals(m, x, y, ctx.device)["phi"] for m in models])
-            # Members are training records: no reference model saw them. A test record is OUT
+            # Members are training records: no reference model saw them. A non-member is OUT
             # for the models whose half did not hold it.
             pool_out = np.ones((params.shadows, len(pool)), bool)
             pool_out[:, chosen] = ~keep
-            out = np.concatenate([np.ones((params.shadows, n_in), bool), pool_out[:, len(data.val) + test_index]], 1)
+            out = np.concatenate([np.ones((params.shadows, n_in), bool), pool_out[:, outside_index]], 1)
             scores["lira"] = lira_offline(target["phi"], shadow_phi, out, params.variance)
             result.metrics["shadows"] = {"count": params.shadows, "population": size}
             # Whether a model was reused depends on the cache, not on the run: a table, not a metric.
@@ -128,7 +142,7 @@ class Privacy(Analyzer):
              "score": float(scores[headline][i]), "loss": float(target["loss"][i])} for i in order
         ]
         result.arrays.update({f"score_{k}": v.astype(np.float32) for k, v in scores.items()})
-        result.arrays.update(is_member=is_member, train_index=member_index, test_index=test_index)
+        result.arrays.update(is_member=is_member, train_index=member_index, outside_index=outside_index)
         result.add_figure("roc", _roc_figure(scores, is_member, headline))
         if ctx.kind == "image" and len(order):
             from xdl.plotting import image_grid
@@ -174,8 +188,41 @@ def _name(attack: str) -> str:
             "entropy": "entropy threshold"}[attack]
 
 
-def _concat(a: Split, b: Split) -> Split:
-    return Split(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]))
+def _concat(*splits: Split) -> Split:
+    return Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]), {},
+                 np.concatenate([s.source_index for s in splits]))
+
+
+def outside_records(run, data: DataSplits, rng: np.random.Generator) -> tuple[Split, np.ndarray, int]:
+    """Records the run never trained on: (pool, a seeded order of it, how many lead the order
+    drawn like the training split).
+
+    Drawn like the training split: the validation split, the rows of the full training
+    split that ``--limit`` left out (reloaded from the run's data spec), and the test split
+    when it was cut from the same rows. A test split whose row numbers repeat training row
+    numbers comes from a file of its own (an official test set): it follows, last.
+    """
+    from xdl.data import load_data
+
+    held = [data.val]
+    spec = (run.info["data"] if run is not None else None) or data.spec or {}
+    if spec.get("limit") and not data.train.streamed:
+        try:
+            full = load_data({**spec, "limit": None})
+        except (XdlError, OSError):  # the data moved: the validation split is still held out
+            full = None
+        if full is not None and not full.train.streamed:
+            rest = _concat(full.train, full.val)
+            # Neither trained on nor already in the (limited) validation split.
+            used = np.concatenate([data.train.source_index, data.val.source_index])
+            held.append(rest.subset(np.flatnonzero(~np.isin(rest.source_index, used))))
+    held_pool = _concat(*held)
+    separate = bool(np.isin(data.test.source_index, np.concatenate([data.train.source_index, held_pool.source_index])).any())
+    pool = _concat(held_pool, data.test)
+    if separate:
+        order = np.r_[rng.permutation(len(held_pool)), len(held_pool) + rng.permutation(len(data.test))]
+        return pool, order, len(held_pool)
+    return pool, rng.permutation(len(pool)), len(pool)
 
 
 def _dp(run) -> dict | None:

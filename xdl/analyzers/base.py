@@ -25,7 +25,7 @@ from torch import nn
 
 from xdl.data.types import DataSplits, Encoding, Split
 from xdl.errors import XdlError
-from xdl.io import atomic_write, CSV_LINE_END, csv_safe, write_json
+from xdl.io import CLAIM, atomic_write, CSV_LINE_END, csv_safe, write_json
 
 # -----------------------------------------------------------------------------------------
 # Params: a dataclass per analyzer; ``--param key=value`` strings are checked against it
@@ -332,7 +332,7 @@ class Result:
             elif target.exists():
                 # A result is flat files; a subfolder is an analyzer's cache (privacy's reference
                 # models), keyed by what it was computed from, so it outlives the result it served.
-                for cache in (c for c in target.iterdir() if c.is_dir()):
+                for cache in (c for c in target.iterdir() if c.is_dir() and c.name != CLAIM):
                     os.replace(cache, folder / cache.name)
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
                 os.replace(target, old / "result")
