@@ -217,19 +217,28 @@ def square(
         raise XdlError("the Square attack needs images (N, C, H, W)")
     x, y = x.detach(), y.detach()
     lo, hi = input_range if input_range is not None else (-math.inf, math.inf)
+    make = _linf_candidate if norm == "linf" else _l2_candidate
     with torch.no_grad():
         adv = (x + _square_init(x, eps, norm)).clamp(lo, hi)
         m = margin(model(adv).float(), y)
+        # The still-robust samples, gathered once and again only when one falls: with few left,
+        # a query's forward pass is cheap and re-indexing every query would cost as much.
+        live = (m > 0).nonzero()[:, 0]
+        xl, yl, al, ml = x[live], y[live], adv[live], m[live]
         for i in range(1, queries):
-            idx = (m > 0).nonzero()[:, 0]
-            if not len(idx):
+            if not len(live):
                 break
-            p = _p_schedule(i, queries)
-            make = _linf_candidate if norm == "linf" else _l2_candidate
-            candidate = make(x[idx], adv[idx], eps, p, lo, hi)
-            m_new = margin(model(candidate).float(), y[idx])
-            better = m_new < m[idx]
-            adv[idx[better]], m[idx[better]] = candidate[better], m_new[better]
+            candidate = make(xl, al, eps, _p_schedule(i, queries), lo, hi)
+            m_new = margin(model(candidate).float(), yl)
+            better = m_new < ml
+            al = torch.where(better.view(-1, *[1] * (x.dim() - 1)), candidate, al)
+            ml = torch.where(better, m_new, ml)
+            fallen = ml <= 0
+            if fallen.any():
+                adv[live[fallen]] = al[fallen]
+                stay = ~fallen
+                live, xl, yl, al, ml = live[stay], xl[stay], yl[stay], al[stay], ml[stay]
+        adv[live] = al
     return adv
 
 
@@ -275,6 +284,8 @@ def _linf_candidate(x, adv, eps, p, lo, hi) -> torch.Tensor:
     candidate = (x + torch.where(window, eps * sign, delta)).clamp(lo, hi)
     # A square that changes nothing wastes a query: flip its sign (the reference resamples).
     same = ((candidate - adv).abs() < 1e-7).flatten(1).all(1).view(-1, 1, 1, 1)
+    if not same.any():
+        return candidate
     flipped = (x + torch.where(window, -eps * sign, delta)).clamp(lo, hi)
     return torch.where(same, flipped, candidate)
 
