@@ -58,10 +58,10 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None 
     return -gap / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
-def _loss_fn(loss: str, target: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _loss(loss: str, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     if loss == "ce":
-        return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
-    return lambda logits, y: dlr_loss(logits, y, target)
+        return F.cross_entropy(logits, y, reduction="none")
+    return dlr_loss(logits, y, target)
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -123,46 +123,63 @@ def apgd(
         if not len(idx):
             break
         t = None if target is None else target[idx]
-        adv, fooled = _apgd_run(model, x[idx], y[idx], eps, steps, _loss_fn(loss, t), norm, input_range, mask)
+        adv, fooled = _apgd_run(model, x[idx], y[idx], eps, steps, loss, t, norm, input_range, mask)
         best[idx] = adv
         todo[idx[fooled]] = False
     return best
 
 
-def _apgd_run(model, x, y, eps, steps, loss_fn, norm, box, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """One run of APGD on a batch; returns the points kept and which of them are misclassified."""
+def _apgd_run(model, x, y, eps, steps, loss, target, norm, box, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """One run of APGD on a batch; returns the points kept and which of them are misclassified.
+
+    A sample leaves the batch at its first misclassified iterate, which is what it keeps
+    whatever later steps do: its further forward and backward passes would be wasted.
+    """
     keep = None if mask is None else mask.to(device=x.device, dtype=x.dtype)
     shape = (-1, *[1] * (x.dim() - 1))
+    out = torch.empty_like(x)
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    live = torch.arange(len(x), device=x.device)  # batch positions of the samples still being attacked
 
     def value_and_grad(point: torch.Tensor):
         point = point.clone().requires_grad_(True)
         logits = model(point).float()
-        values = loss_fn(logits, y)
+        values = _loss(loss, logits, y, target)
         (grad,) = torch.autograd.grad(values.sum(), point)
         if keep is not None:
             grad = grad * keep
         return values.detach(), grad, logits.detach().argmax(1) != y
 
     adv = _project(x + _start(x, eps, norm), x, eps, norm, box, keep)
-    values, grad, fooled = value_and_grad(adv)
-    found = adv.clone()  # the misclassified point per sample, once there is one
+    values, grad, now = value_and_grad(adv)
+    out[now], fooled[now] = adv[now], True
     best_value, best_adv, best_grad = values.clone(), adv.clone(), grad.clone()
     step = torch.full((len(x),), 2.0 * eps, device=x.device, dtype=x.dtype)
     marks = set(checkpoints(steps))
-    last_mark, rises, last_value = 0, torch.zeros_like(values), values
-    value_at_mark, halved_at_mark = best_value.clone(), torch.ones_like(fooled)
+    last_mark, rises = 0, torch.zeros_like(values)
+    value_at_mark, halved_at_mark = best_value.clone(), torch.ones_like(now)
     prev = adv
-    for i in range(steps):
+    for i in range(steps + 1):
+        if now.any():
+            with torch.no_grad():
+                stay = ~now
+                live, x, y, adv, prev, grad, values = live[stay], x[stay], y[stay], adv[stay], prev[stay], grad[stay], values[stay]
+                best_value, best_adv, best_grad, step = best_value[stay], best_adv[stay], best_grad[stay], step[stay]
+                rises, value_at_mark, halved_at_mark = rises[stay], value_at_mark[stay], halved_at_mark[stay]
+                target = None if target is None else target[stay]
+            if not len(live):
+                return out, fooled
+        if i == steps:
+            break
         with torch.no_grad():
             a = MOMENTUM if i > 0 else 1.0
             z = _project(adv + step.view(shape) * _step(grad, norm), x, eps, norm, box, keep)
             adv, prev = _project(adv + a * (z - adv) + (1 - a) * (adv - prev), x, eps, norm, box, keep), adv
+        last_value = values
         values, grad, now = value_and_grad(adv)
         with torch.no_grad():
-            found[now & ~fooled] = adv[now & ~fooled]
-            fooled |= now
+            out[live[now]], fooled[live[now]] = adv[now], True
             rises += (values > last_value).to(rises.dtype)
-            last_value = values
             better = values > best_value
             best_value = torch.where(better, values, best_value)
             best_adv[better], best_grad[better] = adv[better], grad[better]
@@ -176,7 +193,8 @@ def _apgd_run(model, x, y, eps, steps, loss_fn, norm, box, mask) -> tuple[torch.
                 adv[halve], grad[halve] = best_adv[halve], best_grad[halve]
                 halved_at_mark, value_at_mark = halve, best_value.clone()
                 last_mark, rises = i + 1, torch.zeros_like(rises)
-    return torch.where(fooled.view(shape), found, best_adv), fooled
+    out[live] = best_adv
+    return out, fooled
 
 
 def square(
@@ -199,19 +217,28 @@ def square(
         raise XdlError("the Square attack needs images (N, C, H, W)")
     x, y = x.detach(), y.detach()
     lo, hi = input_range if input_range is not None else (-math.inf, math.inf)
+    make = _linf_candidate if norm == "linf" else _l2_candidate
     with torch.no_grad():
         adv = (x + _square_init(x, eps, norm)).clamp(lo, hi)
         m = margin(model(adv).float(), y)
+        # The still-robust samples, gathered once and again only when one falls: with few left,
+        # a query's forward pass is cheap and re-indexing every query would cost as much.
+        live = (m > 0).nonzero()[:, 0]
+        xl, yl, al, ml = x[live], y[live], adv[live], m[live]
         for i in range(1, queries):
-            idx = (m > 0).nonzero()[:, 0]
-            if not len(idx):
+            if not len(live):
                 break
-            p = _p_schedule(i, queries)
-            make = _linf_candidate if norm == "linf" else _l2_candidate
-            candidate = make(x[idx], adv[idx], eps, p, lo, hi)
-            m_new = margin(model(candidate).float(), y[idx])
-            better = m_new < m[idx]
-            adv[idx[better]], m[idx[better]] = candidate[better], m_new[better]
+            candidate = make(xl, al, eps, _p_schedule(i, queries), lo, hi)
+            m_new = margin(model(candidate).float(), yl)
+            better = m_new < ml
+            al = torch.where(better.view(-1, *[1] * (x.dim() - 1)), candidate, al)
+            ml = torch.where(better, m_new, ml)
+            fallen = ml <= 0
+            if fallen.any():
+                adv[live[fallen]] = al[fallen]
+                stay = ~fallen
+                live, xl, yl, al, ml = live[stay], xl[stay], yl[stay], al[stay], ml[stay]
+        adv[live] = al
     return adv
 
 
@@ -257,6 +284,8 @@ def _linf_candidate(x, adv, eps, p, lo, hi) -> torch.Tensor:
     candidate = (x + torch.where(window, eps * sign, delta)).clamp(lo, hi)
     # A square that changes nothing wastes a query: flip its sign (the reference resamples).
     same = ((candidate - adv).abs() < 1e-7).flatten(1).all(1).view(-1, 1, 1, 1)
+    if not same.any():
+        return candidate
     flipped = (x + torch.where(window, -eps * sign, delta)).clamp(lo, hi)
     return torch.where(same, flipped, candidate)
 
