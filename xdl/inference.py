@@ -42,3 +42,43 @@ def fast_model(model: nn.Module, sample: torch.Tensor) -> nn.Module:
         expected, got = model(sample), fast(sample)
     scale = expected.abs().max().clamp_min(1.0)
     return fast if got.shape == expected.shape and bool(((got - expected).abs() <= 1e-4 * scale).all()) else model
+
+
+# Activations one model call may keep for its backward pass. At 8×8–32×32 it never binds (the
+# default CNN keeps ~50 KB per 28×28 digit); at 224×224 it is what keeps memory bounded: a
+# ResNet-50 keeps ~100 MB per image, so --batch-size 256 in one call would need 25 GB.
+ACTIVATION_BUDGET = 512 * 2**20
+
+
+def row_bytes(model: nn.Module, sample: torch.Tensor) -> int:
+    """Bytes autograd saves per input row of ``model`` at ``sample``'s shape.
+
+    Measured, not estimated: the tensors saved during a 2-row and a 1-row forward pass
+    (each storage once), differenced so that weights, saved once per call, cancel.
+    """
+    def saved(rows: int) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = sample[:1].detach().expand(rows, *sample.shape[1:]).clone().requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    return max(saved(2) - saved(1), 4 * sample[0].numel())
+
+
+def rows_per_pass(model: nn.Module, sample: torch.Tensor, budget: int | None = None) -> int:
+    """How many rows like ``sample`` one forward+backward call of ``model`` may take within ``budget``
+    bytes of saved activations (default :data:`ACTIVATION_BUDGET`) and a quarter of the memory
+    that is free; at least 1."""
+    from xdl.limits import available_memory
+
+    budget = ACTIVATION_BUDGET if budget is None else budget
+    free = available_memory() if sample.device.type == "cpu" else torch.cuda.mem_get_info(sample.device)[0]
+    room = min(budget, free // 4) if free else budget
+    return max(1, room // row_bytes(model, sample))

@@ -41,7 +41,7 @@ Baseline = Literal["zeros", "blur", "mean"]
 
 
 def forward_budget(ctx: Context, n: int) -> int:
-    return max(n, BATCHES_PER_PASS * ctx.batch_size)
+    return max(n, min(BATCHES_PER_PASS * ctx.batch_size, ctx.rows()))
 
 
 def baseline(ctx: Context, x: torch.Tensor, kind: Baseline) -> torch.Tensor:
@@ -422,17 +422,34 @@ def pick_layer(model: nn.Module | None, found: list[SpatialLayer], name: str) ->
 
 @dataclass
 class OcclusionParams:
-    window: int | None = None  # side of the occluding patch; default 3 pixels, or 1 tabular feature
-    stride: int = 1
+    window: int | None = None  # side of the occluding patch; default: see occlusion_window
+    stride: int | None = None  # default 1 up to 32-pixel images, else half the window
     fill: float = 0.0  # the value the patch is filled with, in input units
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.stride < 1:
+        if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         at_most("window", self.window, 4096)
         at_most("stride", self.stride, 4096)
+
+
+def occlusion_window(x: torch.Tensor, window: int | None, stride: int | None) -> tuple[int, int]:
+    """The patch side and stride, defaults filled in for ``x``'s size.
+
+    Up to 32×32 a 3-pixel patch moved one pixel at a time (a digit stroke's width). Beyond,
+    a fixed 3-pixel patch would mean (side−2)² forward passes per image — 49,284 at 224 px —
+    and hide nothing a real-size model notices, so the patch grows with the image (a 14×14
+    grid of patches: 16 px at 224, as in captum's ImageNet tutorial) and moves half its side.
+    """
+    if x.dim() != 4:
+        return window or 1, stride or 1
+    side = min(x.shape[-2:])
+    if side <= 32:
+        return window or 3, stride or 1
+    window = window or math.ceil(side / 14)
+    return window, stride or max(1, window // 2)
 
 
 class Occlusion(Attribution):
@@ -450,18 +467,17 @@ class Occlusion(Attribution):
     def attribute(self, ctx, x, target, params):
         from captum.attr import Occlusion as CaptumOcclusion
 
+        window, stride = occlusion_window(x, params.window, params.stride)
         if x.dim() == 4:
-            window = params.window or 3
             if window > min(x.shape[-2:]):
                 raise XdlError(f"occlusion window {window} is larger than the {x.shape[-2]}×{x.shape[-1]} image")
-            shape, strides = (x.shape[1], window, window), (x.shape[1], params.stride, params.stride)
+            shape, strides = (x.shape[1], window, window), (x.shape[1], stride, stride)
         else:
-            window = params.window or 1
             if window > x.shape[1]:
                 raise XdlError(f"occlusion window {window} is larger than the {x.shape[1]} features")
-            shape, strides = (window,), (params.stride,)
-        if params.stride > window:
-            raise XdlError(f"occlusion stride {params.stride} is larger than the window {window}: some inputs would never be hidden")
+            shape, strides = (window,), (stride,)
+        if stride > window:
+            raise XdlError(f"occlusion stride {stride} is larger than the window {window}: some inputs would never be hidden")
         return CaptumOcclusion(ctx.model).attribute(
             x, sliding_window_shapes=shape, strides=strides, baselines=params.fill, target=target,
             perturbations_per_eval=max(1, forward_budget(ctx, len(x)) // len(x)),

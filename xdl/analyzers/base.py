@@ -151,6 +151,7 @@ class Context:
     # Another input set (``xdl report --data``), e.g. for out-of-distribution scores, and what it is.
     other: Split | None = None
     other_name: str = ""
+    _rows: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Checked once here, for every analyzer, whether or not it ever calls targets().
@@ -167,10 +168,25 @@ class Context:
     def input_range(self) -> tuple[float, float] | None:
         return (0.0, 1.0) if self.kind == "image" else None
 
+    def rows(self) -> int:
+        """The most inputs one model call may take: ``--batch-size`` multiples as the callers ask,
+        capped where a forward+backward pass over that many would hold more activations than
+        :data:`xdl.inference.ACTIVATION_BUDGET` (real-size images on a large model)."""
+        if self._rows is None:
+            from xdl.inference import rows_per_pass
+
+            self._rows = rows_per_pass(self.model, self.x[:1].to(self.device)) if len(self.x) else 1
+        return self._rows
+
+    def samples_per_call(self, copies: int, batches: int = 1) -> int:
+        """Samples per model call when each becomes ``copies`` rows (path points, perturbations):
+        ``batches`` × ``--batch-size`` rows, within :meth:`rows`."""
+        return max(1, min(batches * self.batch_size, self.rows()) // copies)
+
     def batches(self, n: int | None = None, batch_size: int | None = None, desc: str | None = None) -> Iterator[slice]:
         """Slices over the samples; with ``desc`` and ``progress`` on, a bar on stderr."""
         n = len(self.x) if n is None else n
-        size = batch_size or self.batch_size
+        size = min(batch_size or self.batch_size, self.rows())
         slices = [slice(start, min(start + size, n)) for start in range(0, n, size)]
         if desc and self.progress and len(slices) > 1:
             import sys
@@ -192,7 +208,7 @@ class Context:
         from xdl.data.stream import batches
 
         x = self.x if x is None else x
-        size = batch_size or self.batch_size
+        size = min(batch_size or self.batch_size, self.rows())
         parts = batches(x, size, self.device)
         if desc and self.progress and len(x) > size:
             import sys
