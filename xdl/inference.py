@@ -46,30 +46,29 @@ def fast_model(model: nn.Module, sample: torch.Tensor) -> nn.Module:
 
 # Activations one model call may keep for its backward pass. At 8×8–32×32 it never binds (the
 # default CNN keeps ~50 KB per 28×28 digit); at 224×224 it is what keeps memory bounded: a
-# ResNet-50 keeps ~100 MB per image, so --batch-size 256 in one call would need 25 GB.
+# ResNet-50 keeps 82 MiB per image, so --batch-size 256 in one call would need over 20 GB.
 ACTIVATION_BUDGET = 512 * 2**20
 
 
 def row_bytes(model: nn.Module, sample: torch.Tensor) -> int:
     """Bytes autograd saves per input row of ``model`` at ``sample``'s shape.
 
-    Measured, not estimated: the tensors saved during a 2-row and a 1-row forward pass
-    (each storage once), differenced so that weights, saved once per call, cancel.
+    Measured, not estimated: the tensors saved during a forward pass over one row, each
+    storage once, less the weights and buffers (saved once per call, whatever its size).
     """
-    def saved(rows: int) -> int:
-        seen: dict[int, int] = {}
+    fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in fixed:
             seen[storage.data_ptr()] = storage.nbytes()
-            return t
+        return t
 
-        x = sample[:1].detach().expand(rows, *sample.shape[1:]).clone().requires_grad_(True)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-        return sum(seen.values())
-
-    return max(saved(2) - saved(1), 4 * sample[0].numel())
+    x = sample[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return max(sum(seen.values()), 4 * sample[0].numel())
 
 
 def rows_per_pass(model: nn.Module, sample: torch.Tensor, budget: int | None = None) -> int:

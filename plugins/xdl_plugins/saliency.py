@@ -366,25 +366,25 @@ def spatial_layers(model: nn.Module, x: torch.Tensor) -> list[SpatialLayer]:
                 return
             order.append(name)
             found[name] = [out if torch.is_tensor(out) else None, isinstance(module, nn.LayerNorm)]
-            if torch.is_tensor(out) and out.requires_grad:
-                out.retain_grad()
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
     try:
         with torch.enable_grad():
             scores = model(x.detach().clone().requires_grad_())
-            scores[torch.arange(len(x)), scores.argmax(1)].sum().backward()
+            # Gradients of the maps only: a backward() would also compute every weight's gradient.
+            maps = {n: v[0] for n, v in found.items() if v[0] is not None and v[0].requires_grad}
+            score = scores[torch.arange(len(x)), scores.argmax(1)].sum()
+            grads = dict(zip(maps, torch.autograd.grad(score, list(maps.values()), allow_unused=True)))
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
     layers = []
     for name in order:
         out, is_norm = found[name]
         if out is None or out.shape[1:] == x.shape[1:]:
             continue
-        grad = out.grad
+        grad = grads.get(name)
         if out.dim() == 4 and min(out.shape[-2:]) > 1:
             layer = SpatialLayer(name, tuple(out.shape[1:]), is_norm=is_norm)
         elif out.dim() == 3 and out.shape[1] > 4:

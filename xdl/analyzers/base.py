@@ -152,6 +152,7 @@ class Context:
     other: Split | None = None
     other_name: str = ""
     _rows: int | None = field(default=None, init=False, repr=False)
+    _probs: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Checked once here, for every analyzer, whether or not it ever calls targets().
@@ -222,10 +223,14 @@ class Context:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Softmax probabilities for ``x`` (default: the samples), batched, on CPU."""
-        x = self.x if x is None else x
-        out = [torch.softmax(self.model(xb).float(), 1).cpu() for _, xb in self.stream(x)]
-        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+        """Softmax probabilities for ``x`` (default: the samples, computed once), batched, on CPU."""
+        if x is None and self._probs is not None:
+            return self._probs
+        out = [torch.softmax(self.model(xb).float(), 1).cpu() for _, xb in self.stream(self.x if x is None else x)]
+        probs = torch.cat(out) if out else torch.empty(0, self.num_classes)
+        if x is None:  # an explanation asks twice: for its targets, then for the figure's titles
+            self._probs = probs
+        return probs
 
     def targets(self) -> torch.Tensor:
         """The class to explain for each sample: predicted, true, or a fixed index."""
