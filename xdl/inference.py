@@ -11,7 +11,10 @@ give the same outputs on the sample, is used as it is.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -66,9 +69,23 @@ def row_bytes(model: nn.Module, sample: torch.Tensor) -> int:
         return t
 
     x = sample[:1].detach().clone().requires_grad_(True)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _hooks_off(model):
         model(x)
     return max(sum(seen.values()), 4 * sample[0].numel())
+
+
+@contextlib.contextmanager
+def _hooks_off(model: nn.Module) -> Iterator[None]:
+    """The modules' forward hooks set aside: the probe runs lazily, on an analyzer's first
+    batch, when the analyzer may already have hooked the model to capture what its passes see."""
+    kept = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]
+    for m, _, _ in kept:
+        m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for m, hooks, pre in kept:
+            m._forward_hooks, m._forward_pre_hooks = hooks, pre
 
 
 def rows_per_pass(model: nn.Module, sample: torch.Tensor, budget: int | None = None) -> int:

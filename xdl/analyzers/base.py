@@ -232,6 +232,11 @@ class Context:
             self._probs = probs
         return probs
 
+    def remember_predictions(self, probs: torch.Tensor) -> None:
+        """Probabilities of the samples an analyzer computed in its own pass: later
+        :meth:`predict` calls (targets, figure titles) read them instead of a new pass."""
+        self._probs = probs
+
     def targets(self) -> torch.Tensor:
         """The class to explain for each sample: predicted, true, or a fixed index."""
         if self.target == "predicted":
