@@ -182,3 +182,30 @@ def test_npz_tabular_attacks_say_raw_units(tmp_path):
     result = xdl.attack(run, "pgd", samples=16, params={"eps": 2.0, "steps": 2}, save=False)
     assert "raw units" in result.summary and "standardized" not in result.summary
     assert result.metrics["mean_linf"] == pytest.approx(2.0, abs=1e-4)  # moved by eps in those raw units
+
+
+class CallCounter(nn.Module):
+    """The linear model, counting its calls: how many forward passes an attack costs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.calls = linear_model(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_fgsm_takes_its_gradient_from_the_clean_pass():
+    # A hand-written FGSM loop makes two model calls per batch (clean with input gradient,
+    # then adversarial); the analyzer used to make three, a third more work over a big folder.
+    # Counted per extra batch, so that the fixed probes (output form, memory) cancel.
+    calls = []
+    for n in (2, 4):
+        model, x = CallCounter(), torch.full((n, 1, 2, 2), 0.5)
+        y = torch.arange(n) % 2
+        result = xdl.attack(model, "fgsm", x=x, y=y, params={"eps": 0.1}, batch_size=1, save=False)
+        calls.append(model.calls)
+        signs = torch.stack([W_DIFF_SIGN if label == 0 else -W_DIFF_SIGN for label in y])
+        assert np.allclose(result.arrays["adversarial"].reshape(n, -1), (x.flatten(1) + 0.1 * signs).numpy(), atol=1e-6)
+    assert calls[1] - calls[0] == 2 * 2

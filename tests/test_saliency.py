@@ -239,3 +239,12 @@ def test_cli_writes_results_and_never_overwrites_without_force(capsys, digits_ru
     code, out, _ = cli(capsys, *args, "--force")
     assert code == 0 and out.splitlines()[-1].endswith(str(run / "explain" / "ig"))
     assert sorted(p.name for p in (run / "explain").iterdir()) == ["ig", "ig-2"]
+
+
+def test_occlusion_patch_grows_with_the_image():
+    from xdl_plugins.saliency import occlusion_window
+
+    assert occlusion_window(torch.zeros(1, 1, 28, 28), None, None) == (3, 1)  # digits: as before
+    assert occlusion_window(torch.zeros(1, 3, 224, 224), None, None) == (16, 8)  # captum's ImageNet tutorial's size
+    assert occlusion_window(torch.zeros(1, 3, 224, 224), 5, None) == (5, 2)
+    assert occlusion_window(torch.zeros(4, 10), None, None) == (1, 1)  # tabular: one feature

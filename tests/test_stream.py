@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 import xdl
@@ -200,3 +201,23 @@ def test_peak_memory_of_a_streamed_split_is_bounded_by_the_batch(tmp_path):
     # (3.5 MiB); before the allocator fix the attack alone grew the process by 500 MiB.
     assert found["decoded_mib"] > 180
     assert found["growth_mib"] < 60, found
+
+
+def test_model_calls_are_capped_by_the_activations_they_keep(monkeypatch):
+    import xdl
+    import xdl.inference
+    from xdl.analyzers import Context
+
+    # Linear → ReLU → Linear keeps, per input row, its input (100 floats) and the ReLU's
+    # output (30), which the second layer reads: 520 bytes; the weights cancel out.
+    model = nn.Sequential(nn.Linear(100, 30), nn.ReLU(), nn.Linear(30, 3)).eval()
+    x = torch.rand(10, 100)
+    assert xdl.inference.row_bytes(model, x[:1]) == 4 * (100 + 30)
+    expected = xdl.explain(model, "ig", x=x, target=1).arrays["attributions"]
+    monkeypatch.setattr(xdl.inference, "ACTIVATION_BUDGET", 3 * 520)
+    ctx = Context(model=model, x=x, batch_size=256)
+    assert ctx.rows() == 3
+    assert [s.stop - s.start for s in ctx.batches()] == [3, 3, 3, 1]
+    assert [len(xb) for _, xb in ctx.stream()] == [3, 3, 3, 1]
+    capped = xdl.explain(model, "ig", x=x, target=1).arrays["attributions"]
+    np.testing.assert_allclose(capped, expected, rtol=1e-5, atol=1e-7)

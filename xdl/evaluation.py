@@ -390,7 +390,7 @@ class Evaluation(Analyzer):
         targets = ctx.targets()
         attributions = attributions_of(self.inner, self.explained, ctx.x)
         explain = explainer(self.inner, ctx, self.inner_params)
-        budget = BATCHES_PER_PASS * ctx.batch_size
+        budget = min(BATCHES_PER_PASS * ctx.batch_size, ctx.rows())
         curves = faithfulness(ctx.model, ctx.x, targets, attributions, fill_value(ctx, ctx.x), params.steps,
                               params.orders, ctx.seed, budget=budget)
         cascade = cascading_randomization(ctx.model, explain, ctx.x, targets, attributions, ctx.seed)

@@ -43,6 +43,7 @@ def fgsm(
     step_size: float | None = None,
     input_range: Box = (0.0, 1.0),
     mask: torch.Tensor | None = None,
+    first_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x + eps·sign(∇ₓ loss), clamped to ``input_range``; ``mask`` (broadcast to x) marks what may move.
 
@@ -53,7 +54,7 @@ def fgsm(
     """
     return pgd(
         model, x, y, eps, steps=1, step_size=eps if step_size is None else step_size,
-        random_start=random_start, norm="linf", input_range=input_range, mask=mask,
+        random_start=random_start, norm="linf", input_range=input_range, mask=mask, first_grad=first_grad,
     )
 
 
@@ -69,11 +70,14 @@ def pgd(
     norm: str = "linf",
     input_range: Box = (0.0, 1.0),
     mask: torch.Tensor | None = None,
+    first_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on the cross-entropy within the ``norm`` ball of radius eps.
 
     Every iterate stays in the ball and in ``input_range``; the result is detached, on
-    x's device. The L2 ball is per sample, over all (unmasked) features.
+    x's device. The L2 ball is per sample, over all (unmasked) features. ``first_grad`` is
+    ∇ₓ of the summed cross-entropy at x when the caller already has it from its own clean
+    pass: the first step, which starts at x (no random start), then costs no model call.
     """
     if norm not in NORMS:
         raise XdlError(f"unknown norm {norm!r}: choose linf or l2")
@@ -84,17 +88,29 @@ def pgd(
     x, y = x.detach(), y.detach()
     step = default_step_size(eps, steps) if step_size is None else step_size
     keep = None if mask is None else mask.to(device=x.device, dtype=x.dtype)
+    if first_grad is not None and random_start:
+        raise XdlError("first_grad is the gradient at x, and a random start moves the first step away from x")
     adv = _project(x + _random_start(x, eps, norm), x, eps, norm, input_range, keep) if random_start else x.clone()
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        # Summed, not averaged: each sample's gradient must not shrink with the batch size.
-        loss = F.cross_entropy(model(adv).float(), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, adv)
+    for i in range(steps):
+        if i == 0 and first_grad is not None:
+            grad = first_grad
+        else:
+            adv.requires_grad_(True)
+            grad = input_gradient(model, adv, y)
         with torch.no_grad():
             if keep is not None:
                 grad = grad * keep
             adv = _project(adv + step * _direction(grad, norm), x, eps, norm, input_range, keep)
     return adv.detach()
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """∇ₓ of the cross-entropy summed over the batch (``logits``: model(x), when already computed
+    from an ``x`` that requires grad). Summed, not averaged: each sample's gradient must not
+    shrink with the batch size."""
+    logits = model(x) if logits is None else logits
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), x)
+    return grad
 
 
 def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:

@@ -90,7 +90,7 @@ class Apgd(_Attack):
     check_params: ClassVar[dict] = {"steps": 5}
     sharding: ClassVar[str] = "samples"
 
-    def perturb(self, ctx, x, y, eps, params, mask):
+    def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
         if params.loss == "dlr" and ctx.num_classes < 3:
             raise XdlError("the DLR loss needs at least 3 classes; use loss=ce")
         return autoattack.apgd(ctx.model, x, y, eps, steps=params.steps, restarts=params.restarts, loss=params.loss,
@@ -109,7 +109,7 @@ class Square(_Attack):
     check_params: ClassVar[dict] = {"queries": 20}
     sharding: ClassVar[str] = "samples"
 
-    def perturb(self, ctx, x, y, eps, params, mask):
+    def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
         return autoattack.square(ctx.model, x, y, eps, queries=params.queries, norm=params.norm, input_range=ctx.input_range)
 
     def label(self, params) -> str:
@@ -124,7 +124,7 @@ class AutoAttack(_Attack):
     check_params: ClassVar[dict] = {"steps": 3, "targets": 1, "queries": 5, "checks": False}
     sharding: ClassVar[str] = "samples"
 
-    def perturb(self, ctx, x, y, eps, params, mask):
+    def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
         adv, broken_by = autoattack.autoattack(
             ctx.model, x, y, eps, norm=params.norm, steps=params.steps, restarts=params.restarts,
             targets=params.targets, queries=params.queries, input_range=ctx.input_range, mask=mask,

@@ -95,7 +95,7 @@ class Lime(Analyzer):
 
         base = LimeImageExplainer(random_state=ctx.seed).base  # lime's kernel (width 0.25) and weighted ridge
         evaluated = 0
-        for s in ctx.batches(batch_size=max(1, POINTS_PER_BATCH * ctx.batch_size // count)):
+        for s in ctx.batches(batch_size=ctx.samples_per_call(count, POINTS_PER_BATCH)):
             index = range(s.start, s.stop)
             masks = [lime_masks(ctx.seed + i, count, segments[i].max() + 1) for i in index]
             probs, distinct = perturb_and_predict(ctx, ctx.x[s], segments[s], masks, params.hide_color)

@@ -41,7 +41,7 @@ Baseline = Literal["zeros", "blur", "mean"]
 
 
 def forward_budget(ctx: Context, n: int) -> int:
-    return max(n, BATCHES_PER_PASS * ctx.batch_size)
+    return max(n, min(BATCHES_PER_PASS * ctx.batch_size, ctx.rows()))
 
 
 def baseline(ctx: Context, x: torch.Tensor, kind: Baseline) -> torch.Tensor:
@@ -254,8 +254,9 @@ class GradCam(Attribution):
 
     Works on any architecture: a conv net's last N×C×H×W map before global pooling, or a
     vision transformer's patch tokens N×(1+h·w)×D viewed as an N×D×h×w grid (the
-    reshape pytorch-grad-cam's README prescribes for ViT). captum's LayerGradCam does the
-    work either way.
+    reshape pytorch-grad-cam's README prescribes for ViT). The map is captum's
+    LayerGradCam's (tested equal), computed here so that the one forward pass also gives
+    the predictions: on a ResNet-50 at 224 px a separate prediction pass doubled the cost.
     """
 
     Params = GradCamParams
@@ -275,7 +276,20 @@ class GradCam(Attribution):
         if params.layer == "list":
             return self.listing(found)
         self.layer = pick_layer(ctx.model, found, params.layer)
-        result = super().run(ctx, params)
+        module = dict(ctx.model.named_modules())[self.layer.name]
+        # The predicted class is read off the pass itself; a true or fixed target needs no pass.
+        given = None if ctx.target == "predicted" else ctx.targets()
+        maps, logits = [], []
+        for s in ctx.batches(desc=self.name):
+            with self.layer.view(module) as layer:
+                cam, out = grad_cam(ctx.model, layer, ctx.x[s].to(ctx.device), None if given is None else given[s],
+                                    params.relu)
+            maps.append(cam.float().cpu())
+            logits.append(out.float().cpu())
+        probs = torch.softmax(torch.cat(logits), 1)
+        ctx.remember_predictions(probs)
+        targets = probs.argmax(1) if given is None else given
+        result = self.summarize(ctx, params, torch.cat(maps).numpy(), targets, None)
         result.params["layer"] = self.layer.name
         result.summary += f"; layer {self.layer.name}"
         return result
@@ -288,12 +302,30 @@ class GradCam(Attribution):
         return self.result(summary=f"gradcam layers, deepest last; {more}{names}", tables={"layers": rows},
                            metrics={"candidates": len(found)})
 
-    def attribute(self, ctx, x, target, params):
-        from captum.attr import LayerAttribution, LayerGradCam
 
-        with self.layer.view(dict(ctx.model.named_modules())[self.layer.name]) as layer:
-            maps = LayerGradCam(ctx.model, layer).attribute(x, target=target, relu_attributions=params.relu)
-        return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+
+def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None,
+             relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Grad-CAM maps upsampled to x, the model's outputs) from one forward pass and a backward
+    pass from the target scores (default: the predicted ones) down to ``layer`` only.
+
+    The map is Σ_c mean_ij(∂score/∂A_cij)·A_c over the layer's channels (Selvaraju et al.
+    2017), bilinearly upsampled as captum's LayerAttribution.interpolate does.
+    """
+    import torch.nn.functional as F
+
+    found: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _, __, out: found.append(out))
+    try:
+        with torch.enable_grad():
+            out = model(x.detach().requires_grad_())
+    finally:
+        handle.remove()
+    target = out.argmax(1) if target is None else target.to(out.device)
+    (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), found[0])
+    cam = (grad.mean(tuple(range(2, grad.dim())), keepdim=True) * found[0]).sum(1, keepdim=True)
+    cam = F.interpolate(cam.relu() if relu else cam, size=tuple(x.shape[-2:]), mode="bilinear")
+    return cam.detach(), out.detach()
 
 
 @dataclass
@@ -366,25 +398,25 @@ def spatial_layers(model: nn.Module, x: torch.Tensor) -> list[SpatialLayer]:
                 return
             order.append(name)
             found[name] = [out if torch.is_tensor(out) else None, isinstance(module, nn.LayerNorm)]
-            if torch.is_tensor(out) and out.requires_grad:
-                out.retain_grad()
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
     try:
         with torch.enable_grad():
             scores = model(x.detach().clone().requires_grad_())
-            scores[torch.arange(len(x)), scores.argmax(1)].sum().backward()
+            # Gradients of the maps only: a backward() would also compute every weight's gradient.
+            maps = {n: v[0] for n, v in found.items() if v[0] is not None and v[0].requires_grad}
+            score = scores[torch.arange(len(x)), scores.argmax(1)].sum()
+            grads = dict(zip(maps, torch.autograd.grad(score, list(maps.values()), allow_unused=True)))
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
     layers = []
     for name in order:
         out, is_norm = found[name]
         if out is None or out.shape[1:] == x.shape[1:]:
             continue
-        grad = out.grad
+        grad = grads.get(name)
         if out.dim() == 4 and min(out.shape[-2:]) > 1:
             layer = SpatialLayer(name, tuple(out.shape[1:]), is_norm=is_norm)
         elif out.dim() == 3 and out.shape[1] > 4:
@@ -422,17 +454,34 @@ def pick_layer(model: nn.Module | None, found: list[SpatialLayer], name: str) ->
 
 @dataclass
 class OcclusionParams:
-    window: int | None = None  # side of the occluding patch; default 3 pixels, or 1 tabular feature
-    stride: int = 1
+    window: int | None = None  # side of the occluding patch; default: see occlusion_window
+    stride: int | None = None  # default 1 up to 32-pixel images, else half the window
     fill: float = 0.0  # the value the patch is filled with, in input units
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.stride < 1:
+        if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         at_most("window", self.window, 4096)
         at_most("stride", self.stride, 4096)
+
+
+def occlusion_window(x: torch.Tensor, window: int | None, stride: int | None) -> tuple[int, int]:
+    """The patch side and stride, defaults filled in for ``x``'s size.
+
+    Up to 32×32 a 3-pixel patch moved one pixel at a time (a digit stroke's width). Beyond,
+    a fixed 3-pixel patch would mean (side−2)² forward passes per image — 49,284 at 224 px —
+    and hide nothing a real-size model notices, so the patch grows with the image (a 14×14
+    grid of patches: 16 px at 224, as in captum's ImageNet tutorial) and moves half its side.
+    """
+    if x.dim() != 4:
+        return window or 1, stride or 1
+    side = min(x.shape[-2:])
+    if side <= 32:
+        return window or 3, stride or 1
+    window = window or math.ceil(side / 14)
+    return window, stride or max(1, window // 2)
 
 
 class Occlusion(Attribution):
@@ -450,18 +499,17 @@ class Occlusion(Attribution):
     def attribute(self, ctx, x, target, params):
         from captum.attr import Occlusion as CaptumOcclusion
 
+        window, stride = occlusion_window(x, params.window, params.stride)
         if x.dim() == 4:
-            window = params.window or 3
             if window > min(x.shape[-2:]):
                 raise XdlError(f"occlusion window {window} is larger than the {x.shape[-2]}×{x.shape[-1]} image")
-            shape, strides = (x.shape[1], window, window), (x.shape[1], params.stride, params.stride)
+            shape, strides = (x.shape[1], window, window), (x.shape[1], stride, stride)
         else:
-            window = params.window or 1
             if window > x.shape[1]:
                 raise XdlError(f"occlusion window {window} is larger than the {x.shape[1]} features")
-            shape, strides = (window,), (params.stride,)
-        if params.stride > window:
-            raise XdlError(f"occlusion stride {params.stride} is larger than the window {window}: some inputs would never be hidden")
+            shape, strides = (window,), (stride,)
+        if stride > window:
+            raise XdlError(f"occlusion stride {stride} is larger than the window {window}: some inputs would never be hidden")
         return CaptumOcclusion(ctx.model).attribute(
             x, sliding_window_shapes=shape, strides=strides, baselines=params.fill, target=target,
             perturbations_per_eval=max(1, forward_budget(ctx, len(x)) // len(x)),

@@ -163,7 +163,7 @@ def expected_gradients(ctx: Context, background: torch.Tensor, target: torch.Ten
     out, halves = [], []
     size = len(background)
     model = fast_model(ctx.model, ctx.x[:2].to(ctx.device))
-    for s in ctx.batches(batch_size=max(1, POINTS_PER_BATCH * ctx.batch_size // draws)):
+    for s in ctx.batches(batch_size=ctx.samples_per_call(draws, POINTS_PER_BATCH)):
         x = ctx.x[s].to(ctx.device)
         n = len(x)
         if sampling == "stratified":

@@ -151,6 +151,8 @@ class Context:
     # Another input set (``xdl report --data``), e.g. for out-of-distribution scores, and what it is.
     other: Split | None = None
     other_name: str = ""
+    _rows: int | None = field(default=None, init=False, repr=False)
+    _probs: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Checked once here, for every analyzer, whether or not it ever calls targets().
@@ -167,10 +169,25 @@ class Context:
     def input_range(self) -> tuple[float, float] | None:
         return (0.0, 1.0) if self.kind == "image" else None
 
+    def rows(self) -> int:
+        """The most inputs one model call may take: ``--batch-size`` multiples as the callers ask,
+        capped where a forward+backward pass over that many would hold more activations than
+        :data:`xdl.inference.ACTIVATION_BUDGET` (real-size images on a large model)."""
+        if self._rows is None:
+            from xdl.inference import rows_per_pass
+
+            self._rows = rows_per_pass(self.model, self.x[:1].to(self.device)) if len(self.x) else 1
+        return self._rows
+
+    def samples_per_call(self, copies: int, batches: int = 1) -> int:
+        """Samples per model call when each becomes ``copies`` rows (path points, perturbations):
+        ``batches`` × ``--batch-size`` rows, within :meth:`rows`."""
+        return max(1, min(batches * self.batch_size, self.rows()) // copies)
+
     def batches(self, n: int | None = None, batch_size: int | None = None, desc: str | None = None) -> Iterator[slice]:
         """Slices over the samples; with ``desc`` and ``progress`` on, a bar on stderr."""
         n = len(self.x) if n is None else n
-        size = batch_size or self.batch_size
+        size = min(batch_size or self.batch_size, self.rows())
         slices = [slice(start, min(start + size, n)) for start in range(0, n, size)]
         if desc and self.progress and len(slices) > 1:
             import sys
@@ -192,7 +209,7 @@ class Context:
         from xdl.data.stream import batches
 
         x = self.x if x is None else x
-        size = batch_size or self.batch_size
+        size = min(batch_size or self.batch_size, self.rows())
         parts = batches(x, size, self.device)
         if desc and self.progress and len(x) > size:
             import sys
@@ -206,10 +223,19 @@ class Context:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Softmax probabilities for ``x`` (default: the samples), batched, on CPU."""
-        x = self.x if x is None else x
-        out = [torch.softmax(self.model(xb).float(), 1).cpu() for _, xb in self.stream(x)]
-        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+        """Softmax probabilities for ``x`` (default: the samples, computed once), batched, on CPU."""
+        if x is None and self._probs is not None:
+            return self._probs
+        out = [torch.softmax(self.model(xb).float(), 1).cpu() for _, xb in self.stream(self.x if x is None else x)]
+        probs = torch.cat(out) if out else torch.empty(0, self.num_classes)
+        if x is None:  # an explanation asks twice: for its targets, then for the figure's titles
+            self._probs = probs
+        return probs
+
+    def remember_predictions(self, probs: torch.Tensor) -> None:
+        """Probabilities of the samples an analyzer computed in its own pass: later
+        :meth:`predict` calls (targets, figure titles) read them instead of a new pass."""
+        self._probs = probs
 
     def targets(self) -> torch.Tensor:
         """The class to explain for each sample: predicted, true, or a fixed index."""
