@@ -272,9 +272,25 @@ def test_cli_says_where_the_audit_is(audited, audit_json):
     assert f"written to {audited.html_path}" in out.output and audited.html_path.resolve().as_uri() in out.output
 
 
+def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path):
+    import shutil as sh
+
+    run = tmp_path / "run"
+    sh.copytree(digits_run.path, run)
+    result = xdl.audit(run, only=["lime", "saliency"], samples=4, budget=1e-9, progress=False)
+    lime, saliency = (next(s for s in result.sections if s.method == name) for name in ("lime", "saliency"))
+    # Every method's budget is exceeded; each still explains one sample, and the page says why.
+    assert lime.samples == 1 and len(lime.result.arrays["weights"]) == 1
+    assert any("the audit explained 1 of the 4 samples" in w for w in lime.result.warnings)
+    assert saliency.samples == 1
+    unlimited = xdl.audit(run, only=["lime"], samples=4, budget=0, recompute=True, progress=False)
+    assert unlimited.sections[0].samples == 4 and not any("audit explained" in w for w in unlimited.sections[0].result.warnings)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--skip", "nope"], "no analyzer called 'nope'; registered: "),
     (["--eps", "1.5"], "--eps 1.5 is larger than the whole input range [0, 1] of image data"),
+    (["--budget", "-1"], "xdl audit: Invalid value for '--budget'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(audited, audit_json, capsys, args, message):
     from xdl.cli.main import main

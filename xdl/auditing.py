@@ -20,6 +20,8 @@ import re
 import sys
 import time
 import traceback
+
+import torch
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +41,10 @@ DEFAULT_EPS = 0.1  # PGD's eps, the one the summary's robust accuracy is quoted 
 # queries) keeps the digits audit under 2 minutes on a CPU; `xdl attack` runs the full one.
 AUDIT_ATTACKS = ("autoattack", "pgd")
 AUTOATTACK_BUDGET = {"steps": "25", "targets": "3", "queries": "300"}
+# Seconds of model passes an expensive per-sample method may take in the audit. On digits no
+# method comes near it; on a ResNet at 224 px LIME's 1,000 perturbations or SHAP's draws cost
+# 10–20 s per image, and --samples 32 of each would take the audit past half an hour.
+BUDGET_SECONDS = 30.0
 AUTOATTACK_PARTS = ("apgd", "square")  # AutoAttack runs them itself
 
 
@@ -172,6 +178,7 @@ def audit(
     trust_code: bool = False,
     audit_attack: str = "autoattack",
     reencode: bool = False,
+    budget: float = BUDGET_SECONDS,
 ) -> Audit:
     """Run every applicable analyzer on ``run`` and write RUN/audit.html and RUN/audit.json.
 
@@ -180,6 +187,9 @@ def audit(
     results; ``reencode`` audits a run whose data file changed since training, encoded with the
     saved encoding, instead of refusing it. An analyzer that fails becomes a failed section, not a failed audit.
     ``trust_code=True`` lets a run whose model is a ``package.module:factory`` import it.
+    ``budget`` (seconds; 0: none) caps a method whose cost per sample is known
+    (:meth:`Analyzer.passes`) to the samples its model passes fit in, timed on this model;
+    its section says so.
     """
     from xdl.device import resolve_device
 
@@ -191,6 +201,8 @@ def audit(
         raise XdlError(f"--samples must be > 0, got {samples}")
     if not eps > 0:
         raise XdlError(f"--eps must be > 0, got {eps}")
+    if not 0 <= budget < float("inf"):
+        raise XdlError(f"--budget must be a finite number of seconds ≥ 0, got {budget}")
     resolve_device(device)  # a missing GPU is the user's error, before any analyzer fails on it
     plugins = _attack_choice(select(discover(), only, skip), audit_attack, only)
     probe = _probe(run)
@@ -211,12 +223,13 @@ def audit(
         else:
             not_applicable.append(f"{info.kind}/{info.name}")
     sections = []
+    pace = Pace(probe, budget)
     for info, cls, (error, trace) in _progress(planned, progress):
         if cls is None:
             sections.append(Section(info.kind, info.name, "failed", error=error, traceback=trace, package=info.package))
             continue
         cpu = time.process_time()
-        section = _run_one(run, info, cls, samples=samples, recompute=recompute, eps=eps, device=device)
+        section = _run_one(run, info, cls, samples=samples, recompute=recompute, eps=eps, device=device, pace=pace)
         section.guide = cls.guide or cls.description
         section.cpu_seconds = time.process_time() - cpu
         sections.append(section)
@@ -224,7 +237,7 @@ def audit(
             _say(section)
     result = Audit(
         run=run, sections=sections, findings=findings(run, sections), not_applicable=not_applicable,
-        settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps,
+        settings={"only": only, "skip": skip, "samples": samples, "recompute": recompute, "eps": eps, "budget": budget,
                   "fgsm_sweep": list(FGSM_SWEEP), "device": device, "audit_attack": audit_attack},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -286,14 +299,54 @@ def _probe(run: Run) -> Context:
     )
 
 
+class Pace:
+    """How many samples of a method fit the audit's time budget on this model: seconds per
+    forward+backward pass, timed once on a few test samples when a method first asks."""
+
+    def __init__(self, probe: Context, budget: float):
+        self.probe, self.budget, self._seconds = probe, budget, None
+
+    def seconds_per_pass(self) -> float:
+        if self._seconds is None:
+            from xdl.robust import input_gradient
+
+            ctx = self.probe
+            x = ctx.x[: min(8, ctx.rows(), len(ctx.x))].to(ctx.device)
+            for _ in range(2):  # the first pass pays one-off set-up (kernels chosen for the shape)
+                started = time.perf_counter()
+                with torch.enable_grad():
+                    xg = x.detach().requires_grad_()
+                    input_gradient(ctx.model, xg, ctx.model(xg).argmax(1).detach())
+                self._seconds = (time.perf_counter() - started) / len(x)
+        return self._seconds
+
+    def samples(self, cls: type[Analyzer], params: dict[str, str], count: int | None) -> tuple[int | None, str]:
+        """The sample count to use, and a note when the budget cut it."""
+        from xdl.analyzers.base import parse_params
+
+        if not self.budget or not count or not self.probe.kind == "image":
+            return count, ""
+        passes = cls.passes(parse_params(cls.Params, params), tuple(self.probe.x.shape[1:]))
+        if passes is None:
+            return count, ""
+        each = passes * self.seconds_per_pass()
+        fits = max(1, int(self.budget / each))
+        if fits >= count:
+            return count, ""
+        return fits, (f"the audit explained {fits} of the {count} samples asked for: at about {each:.1f} s of model "
+                      f"passes per sample on this model, more would exceed its budget of {self.budget:g} s per method "
+                      "(xdl audit --budget; xdl explain takes any number)")
+
+
 def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | None, recompute: bool, eps: float,
-             device: str) -> Section:
+             device: str, pace: Pace) -> Section:
     from xdl.analysis import analyze, expected_provenance
 
     started = time.perf_counter()
     overrides = audit_params(info.kind, info.name, run.data.kind, eps)
     count = cls.samples if samples is None else min(samples, cls.samples or samples)
     try:
+        count, cut = pace.samples(cls, overrides, count)
         wanted = expected_provenance(run, info.kind, info.name, samples=count, params=overrides)
         saved = _saved(run, info.kind, info.name, wanted)
         if saved is not None and not recompute:
@@ -302,6 +355,8 @@ def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | 
                            package=info.package)
         out = saved or run.result_dir(info.kind, info.name)
         result = analyze(info.kind, run, info.name, samples=count, params=overrides, device=device, out=out)
+        if cut:
+            result.warnings.append(cut)
     except Exception as exc:  # recorded in the page and audit.json; one analyzer's failure ends only its section
         error, trace = _failure(exc)
         return Section(info.kind, info.name, "failed", error=error, traceback=trace,

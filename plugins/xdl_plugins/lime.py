@@ -80,6 +80,11 @@ class Lime(Analyzer):
         per_pixel = np.take_along_axis(weights, flat, axis=1).reshape(len(x), 1, *x.shape[2:])
         return np.broadcast_to(per_pixel, shape)
 
+    @classmethod
+    def passes(cls, params: LimeParams, shape) -> float | None:
+        """Forward passes only, one per perturbed sample (at most: repeated masks are evaluated once)."""
+        return (params.num_samples or (IMAGE_SAMPLES if len(shape) == 3 else TABLE_SAMPLES)) / 3
+
     def run(self, ctx: Context, params: LimeParams) -> Result:
         require_classifier(ctx)
         targets = ctx.targets()

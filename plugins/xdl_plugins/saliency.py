@@ -76,6 +76,10 @@ class Attribution(Analyzer):
         """Attributions shaped like ``x``, or ``(attributions, convergence delta per sample)``."""
         raise NotImplementedError
 
+    @classmethod
+    def passes(cls, params, shape) -> float | None:
+        return 1.0  # one gradient per sample; the methods below that need more say so
+
     def run(self, ctx: Context, params) -> Result:
         targets = ctx.targets()
         maps, deltas = [], []
@@ -177,6 +181,10 @@ class IntegratedGradients(Attribution):
     """Gradients integrated along the straight path from a baseline (Sundararajan et al., 2017)."""
 
     Params = IGParams
+
+    @classmethod
+    def passes(cls, params, shape) -> float | None:
+        return params.steps + 2 / 3  # the path, and two forward passes for the convergence delta
     description = "integrated gradients from a zeros, blurred or mean baseline"
     guide = (
         "Attributions add up to the score difference between the input and the baseline (Sundararajan et al. "
@@ -218,6 +226,10 @@ class SmoothGrad(Attribution):
     """Saliency averaged over noisy copies of the input (Smilkov et al., 2017)."""
 
     Params = SmoothGradParams
+
+    @classmethod
+    def passes(cls, params, shape) -> float | None:
+        return float(params.samples)
     description = "saliency averaged over Gaussian-noised copies of the input"
     guide = (
         "Averaging gradients over noisy copies removes speckle (Smilkov et al. 2017); what stays bright is "
@@ -488,6 +500,15 @@ class Occlusion(Attribution):
     """Score drop when a sliding patch hides part of the input (Zeiler & Fergus, 2014)."""
 
     Params = OcclusionParams
+
+    @classmethod
+    def passes(cls, params, shape) -> float | None:
+        """Forward passes only: one per patch position, and the unoccluded one."""
+        if len(shape) != 3:
+            return (shape[0] + 1) / 3
+        window, stride = occlusion_window(torch.empty(1, *shape), params.window, params.stride)
+        positions = [(side - window) // stride + 1 for side in shape[-2:]]
+        return (positions[0] * positions[1] + 1) / 3
     description = "score drop when a sliding patch of the input is hidden"
     guide = (
         "How much the score drops when each patch is covered (Zeiler & Fergus 2014): a direct, model-agnostic"

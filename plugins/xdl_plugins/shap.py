@@ -84,6 +84,12 @@ class Shap(Analyzer):
             found = found[np.arange(len(found)), target]
         return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
 
+    @classmethod
+    def passes(cls, params: ShapParams, shape) -> float | None:
+        if len(shape) != 3 or params.method == "kernel":
+            return None  # KernelSHAP on tables: shap's own sampling, and tables are cheap
+        return float(params.nsamples or (STRATIFIED_DRAWS if params.sampling == "stratified" else 200))
+
     def run(self, ctx: Context, params: ShapParams) -> Result:
         outputs = require_classifier(ctx)
         method = params.method if params.method != "auto" else ("gradient" if ctx.kind == "image" else "kernel")

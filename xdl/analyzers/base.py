@@ -497,6 +497,13 @@ class Analyzer:
     def applies(cls, ctx: Context) -> bool:
         return ctx.kind in cls.applies_to
 
+    @classmethod
+    def passes(cls, params: Any, shape: tuple[int, ...]) -> float | None:
+        """Model passes per sample, in forward+backward equivalents (a forward pass alone is
+        about a third), for inputs of ``shape`` (one sample's); None: not known. ``xdl audit``
+        sizes an expensive method's sample count to its time budget with it."""
+        return None
+
     def result(self, **fields: Any) -> Result:
         """A Result stamped with this analyzer's name and kind."""
         return Result(method=self.name, kind=self.kind, **fields)

@@ -20,14 +20,18 @@ from xdl.cli.options import csv_strs, trust_code_option
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--reencode", is_flag=True,
               help="audit even though the data file changed since training, encoded with the run's saved encoding")
+@click.option("--budget", type=click.FloatRange(min=0, max=1e6), default=30, show_default=True,
+              help="seconds of model passes per expensive method (LIME, SHAP, occlusion, IG…): on a large model "
+                   "it explains fewer samples and says so; 0: no limit")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @trust_code_option
-def command(run, only, skip, samples, recompute, eps, audit_attack, device, reencode, quiet, trust_code) -> None:
+def command(run, only, skip, samples, recompute, eps, audit_attack, device, reencode, budget, quiet, trust_code) -> None:
     """Run every analyzer that applies to RUN and write RUN/audit.html and RUN/audit.json."""
     from xdl.api import audit
 
     result = audit(run, only=only, skip=skip, samples=samples, recompute=recompute, eps=eps, device=device,
-                   progress=not quiet, trust_code=trust_code, audit_attack=audit_attack, reencode=reencode)
+                   progress=not quiet, trust_code=trust_code, audit_attack=audit_attack, reencode=reencode,
+                   budget=budget)
     for section in result.failed:
         click.echo(f"warning: {section.key} failed: {section.error}", err=True)
     done = len(result.sections) - len(result.failed)
