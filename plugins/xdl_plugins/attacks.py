@@ -85,6 +85,15 @@ class _Attack(Analyzer):
         """Whether the first step is a gradient at the clean input, which the clean pass then computes."""
         return False
 
+    @classmethod
+    def steps(cls, params) -> float:
+        """Forward+backward passes per sample at one eps, beyond the clean and the final forward."""
+        return 1.0
+
+    @classmethod
+    def passes(cls, params, shape) -> float | None:
+        return len(params.sweep) * (cls.steps(params) + 2 / 3)
+
     def label(self, params) -> str:
         raise NotImplementedError
 
@@ -251,6 +260,10 @@ class Pgd(_Attack):
 
     def starts_at_x(self, params) -> bool:
         return not params.random_start
+
+    @classmethod
+    def steps(cls, params) -> float:
+        return float(params.steps)
 
     def label(self, params) -> str:
         return f"PGD-{params.steps} {'L∞' if params.norm == 'linf' else 'L2'}"

@@ -86,6 +86,10 @@ class Apgd(_Attack):
     """Auto-PGD (Croce & Hein 2020): momentum and a self-halving step size, CE or DLR loss."""
 
     Params: ClassVar[type] = ApgdParams
+
+    @classmethod
+    def steps(cls, params) -> float:
+        return float(params.steps * params.restarts)
     description: ClassVar[str] = "APGD: PGD with momentum and an adaptive step size (CE or DLR loss)"
     check_params: ClassVar[dict] = {"steps": 5}
     sharding: ClassVar[str] = "samples"
@@ -104,6 +108,10 @@ class Square(_Attack):
     """Square Attack (Andriushchenko et al. 2020): score-based random search, no gradients."""
 
     Params: ClassVar[type] = SquareParams
+
+    @classmethod
+    def steps(cls, params) -> float:
+        return params.queries / 3  # forward passes only
     description: ClassVar[str] = "Square: score-based random-search attack that needs no gradients"
     applies_to: ClassVar[frozenset[str]] = frozenset({"image"})
     check_params: ClassVar[dict] = {"queries": 20}
@@ -120,6 +128,12 @@ class AutoAttack(_Attack):
     """AutoAttack: APGD-CE, targeted APGD-DLR, Square in sequence; a sample is robust only if all fail."""
 
     Params: ClassVar[type] = AutoAttackParams
+
+    @classmethod
+    def steps(cls, params) -> float:
+        """Every attack on every sample (an upper bound: later ones see only the unbroken ones);
+        the masking checks' own attacks about double it."""
+        return (params.steps * (params.restarts + params.targets) + params.queries / 3) * (2 if params.checks else 1)
     description: ClassVar[str] = "AutoAttack: APGD-CE, APGD-T and Square, per-sample worst case, masking checks"
     check_params: ClassVar[dict] = {"steps": 3, "targets": 1, "queries": 5, "checks": False}
     sharding: ClassVar[str] = "samples"

@@ -43,6 +43,10 @@ class Corruptions(Analyzer):
     applies_to: ClassVar[frozenset[str]] = frozenset({"image"})
     description: ClassVar[str] = "Common corruptions: accuracy under 17 noise/blur/weather/digital/geometric types × 5 severities"
     check_params: ClassVar[dict] = {"types": ["brightness", "rotate"], "severities": [1, 5]}
+
+    @classmethod
+    def passes(cls, params, shape) -> float | None:
+        return (len(params.types) * len(params.severities) + 1) / 3  # forward passes only
     sharding: ClassVar[str] = "samples"
 
     def run(self, ctx: Context, params: CorruptionParams) -> Result:
