@@ -278,8 +278,11 @@ def test_live_model_takes_a_dataset_and_audits_into_a_run(tmp_path):
     run = xdl.load(tmp_path / "run")
     assert run.info["imported"]["format"] == "pt2" and (tmp_path / "run" / "data.npz").is_file()
     torch.testing.assert_close(run.model(x[:4]), model(x[:4]))
-    # No training history: the overfit report does not apply (rather than fail in every audit).
-    assert xdl.audit(run, only=["overfit"], progress=False).not_applicable == ["report/overfit"]
+    # No training history: the overfit report does not apply (rather than fail in every audit);
+    # nor does the privacy report: xdl's split is not what the model was trained on.
+    assert xdl.audit(run, only=["overfit", "privacy"], progress=False).not_applicable == ["report/overfit", "report/privacy"]
+    with pytest.raises(XdlError, match="'privacy' does not apply to an imported model: its training records are unknown"):
+        xdl.report(run, "privacy", save=False)
     html = audit._repr_html_()
     assert "Summary of findings" in html and 'id="explain-saliency"' in html
     assert 'id="explain-saliency"' in audit.sections[0].result._repr_html_()

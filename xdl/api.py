@@ -140,10 +140,10 @@ def train(
     return run
 
 
-def final_metrics(model: nn.Module, data: DataSplits, device) -> dict:
-    """Loss and accuracy on every split, in eval mode (the overfitting report compares them)."""
+def final_metrics(model: nn.Module, data: DataSplits, device, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """Loss and accuracy on each of ``splits`` (default all), in eval mode (the overfitting report compares them)."""
     metrics = {}
-    for name in ("train", "val", "test"):
+    for name in splits:
         result = evaluate(model, data.split(name), device)
         metrics[f"{name}_loss"] = result["loss"]
         metrics[f"{name}_accuracy"] = result["accuracy"]

@@ -45,11 +45,14 @@ class Overfit(Analyzer):
         "passes."
     )
 
+    inapplicable = "an imported model: it has no training history"
+
     @classmethod
     def applies(cls, ctx: Context) -> bool:
+        from xdl.imported import is_imported
+
         # A model brought in with `xdl import` has no training history to draw curves from.
-        imported = ctx.run is not None and isinstance(ctx.run.info.get("imported"), dict)
-        return super().applies(ctx) and not imported
+        return super().applies(ctx) and not is_imported(ctx.run)
 
     def run(self, ctx: Context, params: OverfitParams) -> Result:
         if ctx.run is None:

@@ -59,6 +59,17 @@ class Privacy(Analyzer):
     description = "membership inference (loss/confidence threshold, offline LiRA): TPR at 0.1% and 1% FPR"
     check_params = {"shadows": 2, "members": 24, "exposed": 4}
 
+    # Its split was never the model's training set, and LiRA's reference models would need the
+    # model's own (unknown) training recipe: at 224 px, eight ResNet retrainings besides.
+    inapplicable = ("an imported model: its training records are unknown, so membership cannot be tested "
+                    "against this run's split")
+
+    @classmethod
+    def applies(cls, ctx: Context) -> bool:
+        from xdl.imported import is_imported
+
+        return super().applies(ctx) and not is_imported(ctx.run)
+
     def run(self, ctx: Context, params: PrivacyParams) -> Result:
         if ctx.run is None or ctx.data is None:
             raise XdlError("the privacy report needs a run directory: members are its training records")

@@ -458,6 +458,8 @@ class Analyzer:
     Params: ClassVar[type] = NoParams
     samples: ClassVar[int | None] = 16
     applies_to: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
+    # What ``applies`` refuses beyond the data kind, for the error ("... does not apply to <this>").
+    inapplicable: ClassVar[str] = ""
     description: ClassVar[str] = ""
     # One or two plain sentences for the audit page: how to read this section and what
     # would be worrying (with the literature reference where there is one).
@@ -543,7 +545,8 @@ def analyze(analyzer: Analyzer, ctx: Context, params: Any = None) -> Result:
     if not isinstance(params, analyzer.Params):
         params = parse_params(analyzer.Params, params)
     if not analyzer.applies(ctx):
-        raise XdlError(f"{analyzer.kind} method {analyzer.name!r} does not apply to {ctx.kind} data")
+        why = analyzer.inapplicable if ctx.kind in analyzer.applies_to and analyzer.inapplicable else f"{ctx.kind} data"
+        raise XdlError(f"{analyzer.kind} method {analyzer.name!r} does not apply to {why}")
     model = ctx.model
     original = next(model.parameters(), torch.empty(0)).device
     seed_everything(ctx.seed)
