@@ -20,12 +20,12 @@ import re
 import sys
 import time
 import traceback
-
-import torch
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
 from xdl.analyzers.registry import PluginInfo, discover, load_analyzer

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xdl import robust
@@ -120,7 +119,7 @@ def run_checks(
     for start in range(0, n, batch_size):
         xb = x[start : start + batch_size].to(device).requires_grad_(True)
         yb = y[start : start + batch_size].to(device)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(xb).float(), yb, reduction="sum"), xb)
+        grad = robust.input_gradient(model, xb, yb)
         if mask is not None:
             grad = grad * mask.to(grad)
         flat = grad.flatten(1)
