@@ -14,7 +14,7 @@ from xdl.compute import compute_card, reset_peak_memory
 from xdl.data import load_data
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
-from xdl.models import build_model, load_user_weights, model_config, set_normalization
+from xdl.models import build_model, check_choice, load_user_weights, model_config, set_normalization
 from xdl.analysis import analyze
 from xdl.schema import check_model, check_model_memory
 from xdl.run import Run, check_train_out, clear_run, new_run_path, save_run
@@ -70,7 +70,8 @@ def train(
 
             dp_chosen = {k: v for k, v in DEFAULTS.items() if k not in train_options}
         cfg = TrainConfig(**train_options, **dp_chosen)
-    resolve_device(cfg.device)  # fail on a missing GPU before loading any data
+        check_choice(model, model_options)
+    resolve_device(cfg.device)  # fail on a missing GPU or a model that cannot build before loading any data
     world = distributed.join(cfg.device)  # torchrun's process group; a no-op for one process
     if not world.main:  # rank 0 speaks and writes for all
         log, quiet = (lambda line: None), True

@@ -145,16 +145,29 @@ def build_dpcnn(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn
     return nn.Sequential(*layers)
 
 
-def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A user's ``package.module:factory``, called as factory(in_shape, num_classes, **kwargs)."""
-    target = config.get("factory", "")
+def resolve_factory(target: str) -> Any:
+    """The function a ``package.module:factory`` names (importing its module runs its code)."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise XdlError(f"--model must be mlp, cnn, dpcnn or package.module:factory, got {target!r}")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         raise XdlError(f"cannot resolve model factory {target!r}: {exc}") from None
+
+
+def check_choice(model: str | dict, overrides: dict | None = None) -> None:
+    """Refuse a model choice that cannot build, before any data is loaded for it."""
+    config = model_config(model, "image", **(overrides or {}))
+    _check(config)
+    if config["name"] == "custom":
+        resolve_factory(config["factory"])
+
+
+def build_custom(config: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A user's ``package.module:factory``, called as factory(in_shape, num_classes, **kwargs)."""
+    target = config.get("factory", "")
+    factory = resolve_factory(target)
     kwargs = config.get("kwargs", {})
     try:
         inspect.signature(factory).bind(tuple(in_shape), num_classes, **kwargs)
