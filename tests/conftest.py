@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import xdl
 
-# Two threads keep runs deterministic and fair to the 2-core CI machine.
-torch.set_num_threads(2)
+# Two threads keep runs deterministic and fair to the 2-core CI machine; under pytest-xdist
+# each worker (and every process it starts) takes one, so two workers share the two cores
+# instead of four threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
