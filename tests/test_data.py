@@ -493,3 +493,53 @@ def test_same_spec_same_tensors(tmp_path):
     _image_folder(tmp_path / "imgs")
     one, two = load_data(str(tmp_path / "imgs"), limit=10), load_data(str(tmp_path / "imgs"), limit=10)
     assert torch.equal(one.train.x, two.train.x) and torch.equal(one.test.y, two.test.y)
+
+
+def test_shuffle_split_draws_sklearns_indices():
+    """Saved runs rebuild their splits from the spec: xdl's cut must be train_test_split's, index for index."""
+    from sklearn.model_selection import train_test_split
+
+    from xdl.data.sampling import shuffle_split
+
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(600):
+        n, k = int(rng.integers(3, 300)), int(rng.integers(1, 12))
+        # Mostly balanced-ish labels; some with tiny classes, which stratification refuses.
+        y = rng.integers(0, k, n) if rng.random() < 0.7 else np.repeat(np.arange(k), rng.integers(1, 5, k))
+        if len(y) < 3:
+            continue
+        index = rng.permutation(len(y)) + 1000
+        stratify = y if rng.random() < 0.8 else None
+        seed = int(rng.integers(0, 2**31))
+        size = rng.choice([{"test_size": 0.15}, {"test_size": 0.5}, {"train_size": int(rng.integers(1, len(y)))},
+                           {"test_size": int(rng.integers(1, len(y)))}])
+        try:
+            want = train_test_split(index, random_state=seed, stratify=stratify, **size)
+        except ValueError:
+            with pytest.raises(ValueError):
+                shuffle_split(index, seed=seed, stratify=stratify, **size)
+            refused += 1
+            continue
+        got = shuffle_split(index, seed=seed, stratify=stratify, **size)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert 20 < refused < 400  # both paths were exercised
+
+
+def test_digits_are_sklearns_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from xdl.data.builtin import digits_arrays
+
+    images, labels = digits_arrays()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+    # Loading the default data (and its splits) leaves sklearn, and so SciPy, unimported: seconds per process.
+    code = "import sys; from xdl.data import load_data; load_data('digits'); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr

@@ -56,10 +56,10 @@ def selection(n: int, labels, samples: int | None, indices, seed: int):
     if samples is None or samples >= n:
         return np.arange(n)
     if labels is not None:
-        from sklearn.model_selection import train_test_split
+        from xdl.data.sampling import shuffle_split
 
         try:
-            return np.asarray(train_test_split(np.arange(n), train_size=samples, random_state=seed % 2**32, stratify=labels)[0])
+            return shuffle_split(np.arange(n), train_size=samples, seed=seed % 2**32, stratify=labels)[0]
         except ValueError:  # fewer samples than classes, or a class with one member: plain sample
             pass
     return np.random.default_rng(seed % 2**32).permutation(n)[:samples]

@@ -115,7 +115,7 @@ def random_splits(
     official test split stays whole). ``source`` is each row's number in its
     file when ``x`` is already a selection of it; each split keeps these numbers.
     """
-    from sklearn.model_selection import train_test_split
+    from xdl.data.sampling import shuffle_split
 
     groups = groups or {}
     n = len(y)
@@ -129,11 +129,11 @@ def random_splits(
 
     def cut(idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         try:
-            return train_test_split(idx, test_size=fraction, random_state=seed, stratify=y[idx])
+            return shuffle_split(idx, test_size=fraction, seed=seed, stratify=y[idx])
         except ValueError:
             pass
         try:
-            return train_test_split(idx, test_size=fraction, random_state=seed)
+            return shuffle_split(idx, test_size=fraction, seed=seed)
         except ValueError:
             raise XdlError(f"{n} samples are too few to split into training, validation and test data") from None
 
@@ -152,9 +152,9 @@ def random_splits(
             if count >= len(idx):
                 return idx
             try:
-                return train_test_split(idx, train_size=count, random_state=seed, stratify=y[idx])[0]
+                return shuffle_split(idx, train_size=count, seed=seed, stratify=y[idx])[0]
             except ValueError:
-                return train_test_split(idx, train_size=count, random_state=seed)[0]
+                return shuffle_split(idx, train_size=count, seed=seed)[0]
 
         train_idx = keep(train_idx, int(limit), spec["seed"] + 2)
         val_idx = keep(val_idx, max(1, round(share * len(val_idx))), spec["seed"] + 3)
