@@ -149,8 +149,6 @@ def perturb_and_predict(ctx: Context, x: torch.Tensor, segments: list[np.ndarray
                         hide_color: float | None) -> tuple[list[np.ndarray], int]:
     """Class probabilities (N×K per image) of every masked copy of a batch of images, and how
     many distinct copies were classified; each distinct mask is built and classified once."""
-    from xdl.inference import fast_model
-
     flat = x.to(ctx.device).flatten(2)  # B×C×HW
     images, inverses = [], []
     for k, (seg, m) in enumerate(zip(segments, masks)):
@@ -164,7 +162,7 @@ def perturb_and_predict(ctx: Context, x: torch.Tensor, segments: list[np.ndarray
         images.append(keep * flat[k] + (1 - keep) * hidden)
         inverses.append(inverse.reshape(-1))
     images = torch.cat(images).view(-1, *x.shape[1:])
-    model = fast_model(ctx.model, images[:2])
+    model = ctx.fast_model()
     probs = torch.cat([torch.softmax(model(images[s]).float(), 1).cpu()
                        for s in ctx.batches(len(images), POINTS_PER_BATCH * ctx.batch_size)]).numpy()
     starts = np.cumsum([0] + [i.max() + 1 for i in inverses])

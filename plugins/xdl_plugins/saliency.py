@@ -200,9 +200,7 @@ class IntegratedGradients(Attribution):
         # Inputs, gradients and the path points of one internal batch, before any layer's activations.
         require_memory(4 * 3 * rows * x[0].numel(), f"ig with steps={params.steps} on {len(x)} samples",
                        "lower steps or --batch-size")
-        from xdl.inference import fast_model
-
-        return CaptumIG(fast_model(ctx.model, x[:2].detach())).attribute(
+        return CaptumIG(ctx.fast_model()).attribute(
             x, baselines=baseline(ctx, x, params.baseline), target=target, n_steps=params.steps,
             internal_batch_size=forward_budget(ctx, len(x)), return_convergence_delta=True,
         )

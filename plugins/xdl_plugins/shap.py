@@ -163,12 +163,10 @@ def expected_gradients(ctx: Context, background: torch.Tensor, target: torch.Ten
     from which references were drawn.
     """
     # Draws come from a CPU generator so that a seed gives the same values on every device.
-    from xdl.inference import fast_model
-
     g = torch.Generator().manual_seed(ctx.seed)
     out, halves = [], []
     size = len(background)
-    model = fast_model(ctx.model, ctx.x[:2].to(ctx.device))
+    model = ctx.fast_model()
     for s in ctx.batches(batch_size=ctx.samples_per_call(draws, POINTS_PER_BATCH)):
         x = ctx.x[s].to(ctx.device)
         n = len(x)
