@@ -239,6 +239,11 @@ def test_cli_writes_results_and_never_overwrites_without_force(capsys, digits_ru
     code, out, _ = cli(capsys, *args, "--force")
     assert code == 0 and out.splitlines()[-1].endswith(str(run / "explain" / "ig"))
     assert sorted(p.name for p in (run / "explain").iterdir()) == ["ig", "ig-2"]
+    # --no-figures: the same numbers, no PNG
+    code, out, _ = cli(capsys, *args, "--force", "--no-figures")
+    assert code == 0 and {p.name for p in (run / "explain" / "ig").iterdir()} == {"result.json", "arrays.npz"}
+    again = xdl.Result.load(run / "explain" / "ig", arrays=True)
+    np.testing.assert_array_equal(again.arrays["attributions"], saved.arrays["attributions"])
 
 
 def test_occlusion_patch_grows_with_the_image():

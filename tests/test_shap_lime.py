@@ -126,6 +126,7 @@ def test_lime_weights_equal_lime_given_the_same_masks(digits_run):
         x = torch.as_tensor(images[..., :1], dtype=torch.float32).permute(0, 3, 1, 2)
         return torch.softmax(model(x), 1).detach().numpy()
 
+    scores = []
     for i in range(2):
         segments, target = result.arrays["segments"][i], int(result.arrays["target"][i])
         explanation = LimeImageExplainer(random_state=5 + i).explain_instance(
@@ -136,6 +137,8 @@ def test_lime_weights_equal_lime_given_the_same_masks(digits_run):
         for feature, weight in explanation.local_exp[target]:
             theirs[feature] = weight
         np.testing.assert_allclose(result.arrays["weights"][i, : len(theirs)], theirs, atol=1e-5)
+        scores.append(explanation.score)
+    assert result.metrics["mean_r2"] == pytest.approx(np.mean(scores), abs=1e-6)
     assert "lime" in result.figures and (result.path / "lime.png").is_file()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Result
+from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
 from xdl.errors import XdlError
 from xdl.limits import at_most, require_memory
 
@@ -119,12 +119,12 @@ class Attribution(Analyzer):
             f"{self.name}: attributions for {what} (target: {ctx.target}); "
             f"mean |attribution| {result.metrics['mean_abs_attribution']:.4g}"
         )
-        if ctx.kind == "image":
+        if ctx.kind == "image" and figures_wanted():  # the grid costs more than 100 digits' attributions
             confidence = probs[torch.arange(len(probs)), probs.argmax(1)].numpy()
             y = None if ctx.y is None else ctx.y.numpy()
             titles = sample_titles(y, predictions, confidence, ctx.class_names)
             result.add_figure("grid", attribution_grid(ctx.x.numpy(), attributions, titles, cmap=self.cmap(params)))
-        else:
+        elif ctx.kind != "image":
             per_column = ctx.encoding.sum_to_columns(attributions) if ctx.encoding else attributions
             names = ctx.encoding.original_names if ctx.encoding else (ctx.feature_names or [f"x{i}" for i in range(per_column.shape[1])])
             importance = np.abs(per_column).mean(0)

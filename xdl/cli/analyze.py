@@ -52,18 +52,22 @@ class MethodHelp(click.Command):
 
 def make_command(kind: str) -> click.Command:
     def handler(run, method, samples, split, indices, target, param, device, seed, batch_size, force, quiet,
-                trust_code, reencode, evaluate=False, data=None, **shortcuts):
+                trust_code, reencode, no_figures, evaluate=False, data=None, **shortcuts):
+        import contextlib
+
+        from xdl.analyzers.base import without_figures
         from xdl.api import analyze
 
         params = list(param)
         params += [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-        result = analyze(
-            kind, run, method, samples="default" if samples is None else samples, split=split,
-            indices=indices, target=_target(target), params=params, device=device, seed=seed,
-            batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate, trust_code=trust_code,
-            reencode=reencode,
-            **({"other": data} if data is not None else {}),
-        )
+        with without_figures() if no_figures else contextlib.nullcontext():
+            result = analyze(
+                kind, run, method, samples="default" if samples is None else samples, split=split,
+                indices=indices, target=_target(target), params=params, device=device, seed=seed,
+                batch_size=batch_size, force=force, progress=not quiet, evaluate=evaluate, trust_code=trust_code,
+                reencode=reencode,
+                **({"other": data} if data is not None else {}),
+            )
         if result is None:  # a torchrun rank other than 0: rank 0 merged and saved the result
             return
         if result.summary:
@@ -87,6 +91,8 @@ def make_command(kind: str) -> click.Command:
         click.Option(["--reencode"], is_flag=True,
                      help="analyze even though the data file changed since training, encoded with the run's saved encoding"),
         click.Option(["--quiet", "-q"], is_flag=True),
+        click.Option(["--no-figures"], is_flag=True,
+                     help="write the numbers and arrays only, no PNG figures (for pipelines; saves the plotting time)"),
         trust_code_param(),
         *SHORTCUTS[kind],
         *FLAGS[kind],
