@@ -21,7 +21,9 @@ Bars (issue 21):
 - IG: ≥ 2× faster than ``captum IntegratedGradients(model).attribute(x, n_steps=50,
   internal_batch_size=B)`` at equal (not larger) mean |convergence delta|.
 
-Ratios are xdl ÷ library (lower is better). Each pair is timed in interleaved repeats; the
+xdl runs with ``--no-figures``: the library scripts draw no figure, so that is the same work;
+a second row per bar times ``xdl explain`` with its figure (its default) against the same
+library process. Ratios are xdl ÷ library (lower is better). Each pair is timed in interleaved repeats; the
 table gives the median wall seconds and the processes' CPU seconds (user + system, all
 threads) — on a machine shared with other jobs CPU time is the steadier figure, and the
 load average is printed beside every repeat.
@@ -168,11 +170,19 @@ def timed(command: list[str]) -> dict:
     return {"wall": wall, "cpu": cpu, "load": os.getloadavg()[0]}
 
 
-def xdl_command(work: Path, method: str, n: int, params: list[str]) -> list[str]:
+def xdl_command(work: Path, method: str, n: int, params: list[str], figures: bool = False) -> list[str]:
+    """``xdl explain``; without figures by default, as the library scripts draw none (the same work)."""
     xdl_bin = Path(sys.executable).with_name("xdl")
     command = [str(xdl_bin) if xdl_bin.is_file() else sys.executable, *([] if xdl_bin.is_file() else ["-m", "xdl"])]
     command += ["explain", str(work / "run"), "-m", method, "--indices", ",".join(map(str, range(n))), "--force", "-q"]
+    command += [] if figures else ["--no-figures"]
     return command + [a for p in params for a in ("-p", p)]
+
+
+def figure_rows(label: str, times: dict, theirs: str, bar: float, fidelity_ok: bool) -> list[dict]:
+    """The same pair with xdl also drawing its PNG figure (its default), which the library does not."""
+    return speed_rows(f"{label}, xdl also drawing its figure (its default)", times, "xdl + figure", theirs, bar,
+                      fidelity_ok, "same arrays")
 
 
 def library_command(work: Path, kind: str, options: dict) -> list[str]:
@@ -225,6 +235,7 @@ def bench_shap(work: Path, n: int, repeats: int) -> list[dict]:
 
     sides = {
         "xdl": xdl_command(work, "shap", n, []),
+        "xdl + figure": xdl_command(work, "shap", n, [], figures=True),
         "shap defaults": library_command(work, "shap", {"tag": "shap-defaults"}),
         "shap ranked_outputs=1": library_command(work, "shap", {"tag": "shap-ranked", "ranked": True, "kwargs": {"rseed": 1}}),
         f"shap ranked_outputs=1, nsamples={draws}": library_command(
@@ -240,6 +251,7 @@ def bench_shap(work: Path, n: int, repeats: int) -> list[dict]:
     fid = f"xdl vs shap defaults: per-image r median {np.median(corr):.3f} min {corr.min():.3f}"
     rows = speed_rows(f"SHAP, {n} real 28x28 digits, xdl ({draws} stratified draws) vs shap defaults (200 draws, 10 classes)",
                       times, "xdl", "shap defaults", 10, fidelity_ok, fid)
+    rows += figure_rows("SHAP vs shap defaults", times, "shap defaults", 10, fidelity_ok)
     rows += speed_rows("SHAP, same, vs shap ranked_outputs=1 (200 draws, target class only)", times, "xdl",
                        "shap ranked_outputs=1", 1, fidelity_ok,
                        f"shap rerun vs shap defaults: r median {np.median(floor):.3f} min {floor.min():.3f}")
@@ -263,6 +275,7 @@ def bench_lime(work: Path, n: int, repeats: int) -> list[dict]:
     seed = int((work / "seed").read_text())
     sides = {
         "xdl": xdl_command(work, "lime", n, []),
+        "xdl + figure": xdl_command(work, "lime", n, [], figures=True),
         "lime defaults": library_command(work, "lime", {"tag": "lime-defaults", "seed": seed}),
         "lime batch 256": library_command(work, "lime", {"tag": "lime-batch", "seed": seed, "kwargs": {"batch_size": 256}}),
     }
@@ -286,6 +299,7 @@ def bench_lime(work: Path, n: int, repeats: int) -> list[dict]:
            f"{metrics['model_evaluations_per_image']:.1f} model evaluations/image in xdl")
     rows = speed_rows(f"LIME, {n} real 28x28 digits, lime defaults (quickshift, 1000 samples)", times, "xdl",
                       "lime defaults", 5, fidelity_ok, fid)
+    rows += figure_rows("LIME vs lime defaults", times, "lime defaults", 5, fidelity_ok)
     rows += speed_rows("LIME, same, vs lime with batch_size=256", times, "xdl", "lime batch 256", 1, fidelity_ok, "same fits")
     rows += [
         row("LIME top-5 superpixel agreement with lime defaults, mean over images", float(agreement.mean()), None, ">= 0.8",
@@ -299,6 +313,7 @@ def bench_lime(work: Path, n: int, repeats: int) -> list[dict]:
 def bench_ig(work: Path, n: int, repeats: int) -> list[dict]:
     sides = {
         "xdl": xdl_command(work, "ig", n, []),
+        "xdl + figure": xdl_command(work, "ig", n, [], figures=True),
         "captum": library_command(work, "ig", {"tag": "ig"}),
     }
     times = measure(sides, repeats)
@@ -312,6 +327,7 @@ def bench_ig(work: Path, n: int, repeats: int) -> list[dict]:
            f"min {corr.min():.4f}")
     rows = speed_rows(f"IG, {n} real 28x28 digits, vs captum IG 50 steps internal_batch_size={IG_BATCH}", times, "xdl",
                       "captum", 2, fidelity_ok, fid)
+    rows += figure_rows("IG vs captum", times, "captum", 2, fidelity_ok)
     rows.append(row("IG mean |convergence delta|, xdl vs captum 50 steps", mine_delta, float(delta.mean()),
                     "<= 1x (equal or smaller)", bool(mine_delta <= delta.mean())))
     return rows

@@ -287,6 +287,18 @@ def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path):
     assert unlimited.sections[0].samples == 4 and not any("audit explained" in w for w in unlimited.sections[0].result.warnings)
 
 
+def test_the_budget_counts_work_outside_the_model(digits_run, monkeypatch):
+    """LIME's segmentation is not a model pass: at 224 px it took 69 s against a 30 s budget."""
+    from xdl.auditing import Pace, _probe
+    from xdl_plugins.lime import Lime
+
+    pace = Pace(_probe(digits_run), budget=30.0)
+    assert pace.samples(Lime, {}, 4) == (4, "")  # 8×8 digits: segmentation and passes are milliseconds
+    monkeypatch.setattr(Lime, "seconds_beside_model", classmethod(lambda cls, params, sample: 10.0))
+    count, note = pace.samples(Lime, {}, 4)
+    assert count == 2 and "the audit explained 2 of the 4 samples" in note  # 30 s / (10 s + ~0 s) → 2 (floor of 2.99…)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--skip", "nope"], "no analyzer called 'nope'; registered: "),
     (["--eps", "1.5"], "--eps 1.5 is larger than the whole input range [0, 1] of image data"),

@@ -326,15 +326,16 @@ class Pace:
 
         if not self.budget or not count or not self.probe.kind == "image":
             return count, ""
-        passes = cls.passes(parse_params(cls.Params, params), tuple(self.probe.x.shape[1:]))
+        parsed = parse_params(cls.Params, params)
+        passes = cls.passes(parsed, tuple(self.probe.x.shape[1:]))
         if passes is None:
             return count, ""
-        each = passes * self.seconds_per_pass()
+        each = passes * self.seconds_per_pass() + cls.seconds_beside_model(parsed, self.probe.x[:1][0])
         fits = max(1, int(self.budget / each))
         if fits >= count:
             return count, ""
-        return fits, (f"the audit explained {fits} of the {count} samples asked for: at about {each:.1f} s of model "
-                      f"passes per sample on this model, more would exceed its budget of {self.budget:g} s per method "
+        return fits, (f"the audit explained {fits} of the {count} samples asked for: at about {each:.1f} s "
+                      f"per sample on this model, more would exceed its budget of {self.budget:g} s per method "
                       "(xdl audit --budget; xdl explain takes any number)")
 
 

@@ -518,6 +518,12 @@ class Analyzer:
         sizes an expensive method's sample count to its time budget with it."""
         return None
 
+    @classmethod
+    def seconds_beside_model(cls, params: Any, sample: torch.Tensor) -> float:
+        """Seconds per sample of work outside the model (e.g. LIME's segmentation), timed on
+        ``sample`` (one input); added to :meth:`passes`' cost when the audit sizes a method."""
+        return 0.0
+
     def result(self, **fields: Any) -> Result:
         """A Result stamped with this analyzer's name and kind."""
         return Result(method=self.name, kind=self.kind, **fields)
