@@ -128,6 +128,19 @@ def test_feature_maps_strongest_channels_first_and_first_filters(digits_run):
     assert hook_count(model) == 0
 
 
+def test_deep_models_draw_a_few_layers_and_save_every_one():
+    layers, width = [], 1
+    for _ in range(10):
+        layers += [nn.Conv2d(width, 4, 3, padding=1), nn.ReLU()]
+        width = 4
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    result = xdl.explain(model, "activations", x=torch.rand(4, 1, 8, 8), save=False, params={"drawn": 3})
+    # First, middle and last conv layers drawn (positions 0, 4.5→4, 9 of 10); every layer's maps kept.
+    assert {k for k in result.figures if k.startswith("maps_")} == {"maps_model.0", "maps_model.8", "maps_model.18"}
+    assert len([k for k in result.arrays if k.startswith("maps/")]) == 10
+    assert any("drawn for 3 of the 10 conv layers" in w for w in result.warnings)
+
+
 def test_unknown_layer_is_one_line_exit_2(digits_run, capsys):
     code, _, err = cli(capsys, "explain", digits_run.path, "--method", "activations", "-p", "layers=1,nope")
     assert code == 2

@@ -41,14 +41,16 @@ MAX_ROWS = 8
 class Params:
     layers: list[str] = field(default_factory=list)  # layer names; empty: every conv/linear/activation layer
     channels: int = 16  # strongest channels drawn per conv layer
+    drawn: int = 6  # conv layers whose maps are drawn, evenly spaced through the depth (every layer's are saved)
     dead_warning: float = 0.5  # flag layers with more dead units than this fraction
 
     def __post_init__(self) -> None:
-        if self.channels <= 0:
-            raise ValueError(f"channels must be > 0, got {self.channels}")
+        if self.channels <= 0 or self.drawn <= 0:
+            raise ValueError(f"channels and drawn must be > 0, got {self.channels} and {self.drawn}")
         if not 0 <= self.dead_warning <= 1:
             raise ValueError(f"dead_warning must be in [0, 1], got {self.dead_warning}")
         at_most("channels", self.channels, 1024)
+        at_most("drawn", self.drawn, 1024)
 
 
 def watched(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
@@ -144,13 +146,21 @@ class Activations(Analyzer):
 
         with hooked({n: layers[n] for n in convs}, keep), torch.no_grad():
             ctx.model(ctx.x[:MAX_ROWS].to(ctx.device))
+        # A ResNet-18 has 20 conv layers: drawing each one's 64 panels took 90 s of a 2-minute section.
+        order = list(maps)
+        count = min(params.drawn, len(order))
+        drawn = {order[round(i * (len(order) - 1) / max(1, count - 1))] for i in range(count)}
         for name, fmap in maps.items():
             strongest = fmap.mean((0, 2, 3)).argsort(descending=True)[: params.channels]
             chosen = fmap[:, strongest]
             result.arrays[f"maps/{name}"] = chosen.numpy()
             result.arrays[f"channels/{name}"] = strongest.numpy()
-            titles = [f"channel {int(c)}" for c in strongest]  # the first row names each column
-            result.add_figure(f"maps_{name}", image_grid(_unit_range(chosen.flatten(0, 1)), titles, ncols=len(strongest)))
+            if name in drawn:
+                titles = [f"channel {int(c)}" for c in strongest]  # the first row names each column
+                result.add_figure(f"maps_{name}", image_grid(_unit_range(chosen.flatten(0, 1)), titles, ncols=len(strongest)))
+        if len(drawn) < len(maps):
+            result.warnings.append(f"feature maps drawn for {len(drawn)} of the {len(maps)} conv layers, evenly spaced "
+                                   "(-p drawn=N for more); arrays.npz holds every layer's")
         if len(ctx.x) > MAX_ROWS and maps:
             result.warnings.append(f"feature maps show the first {MAX_ROWS} of {len(ctx.x)} samples")
 
