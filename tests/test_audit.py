@@ -272,17 +272,20 @@ def test_cli_says_where_the_audit_is(audited, audit_json):
     assert f"written to {audited.html_path}" in out.output and audited.html_path.resolve().as_uri() in out.output
 
 
-def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path):
+def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path, monkeypatch):
     import shutil as sh
+
+    from xdl.auditing import Pace
 
     run = tmp_path / "run"
     sh.copytree(digits_run.path, run)
-    result = xdl.audit(run, only=["lime", "saliency"], samples=4, budget=1e-9, progress=False)
+    # 10 ms per model pass: LIME's 1000/3 passes take ~3.3 s a sample, so a 5 s budget fits one; saliency fits all.
+    monkeypatch.setattr(Pace, "seconds_per_pass", lambda self: 0.01)
+    result = xdl.audit(run, only=["lime", "saliency"], samples=4, budget=5, progress=False)
     lime, saliency = (next(s for s in result.sections if s.method == name) for name in ("lime", "saliency"))
-    # Every method's budget is exceeded; each still explains one sample, and the page says why.
     assert lime.samples == 1 and len(lime.result.arrays["weights"]) == 1
     assert any("the audit explained 1 of the 4 samples" in w for w in lime.result.warnings)
-    assert saliency.samples == 1
+    assert saliency.samples == 4
     unlimited = xdl.audit(run, only=["lime"], samples=4, budget=0, recompute=True, progress=False)
     assert unlimited.sections[0].samples == 4 and not any("audit explained" in w for w in unlimited.sections[0].result.warnings)
 
@@ -297,6 +300,27 @@ def test_the_budget_counts_work_outside_the_model(digits_run, monkeypatch):
     monkeypatch.setattr(Lime, "seconds_beside_model", classmethod(lambda cls, params, sample: 10.0))
     count, note = pace.samples(Lime, {}, 4)
     assert count == 2 and "the audit explained 2 of the 4 samples" in note  # 30 s / (10 s + ~0 s) → 2 (floor of 2.99…)
+    # One sample beyond twice the budget: the section is skipped and says how to run it, not run on one sample.
+    monkeypatch.setattr(Lime, "seconds_beside_model", classmethod(lambda cls, params, sample: 61.0))
+    count, note = pace.samples(Lime, {}, 4)
+    assert count == 0 and note.startswith("skipped: one sample would take about 61 s") and "xdl explain RUN --method lime" in note
+
+
+def test_a_method_far_over_the_budget_is_skipped_and_the_page_says_so(digits_run, tmp_path, monkeypatch):
+    import shutil as sh
+
+    from xdl_plugins.lime import Lime
+
+    run = tmp_path / "run"
+    sh.copytree(digits_run.path, run)
+    monkeypatch.setattr(Lime, "seconds_beside_model", classmethod(lambda cls, params, sample: 1e6))
+    audit = xdl.audit(run, only=["lime", "saliency"], samples=4, progress=False)
+    lime = next(s for s in audit.sections if s.method == "lime")
+    assert lime.status == "skipped" and not audit.failed and not (run / "explain" / "lime").exists()
+    page = audit.html_path.read_text()
+    assert "skipped: one sample would take about 1000000 s" in page
+    saved = json.loads(audit.json_path.read_text())
+    assert next(s for s in saved["sections"] if s["method"] == "lime")["status"] == "skipped"
 
 
 @pytest.mark.parametrize("args, message", [

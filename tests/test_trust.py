@@ -130,6 +130,19 @@ def test_cascading_randomization_changes_every_layer_of_a_copy_top_down(digits_r
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_cascade_of_fewer_steps_randomizes_the_layers_in_top_down_groups():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)]).eval()
+    layers = [name for name, _ in parameterized_layers(model)]  # 4, 3, 2, 1, 0
+    seen = []
+    for name, copy in randomized_copies(model, seed=0, steps=2):
+        seen.append((name, {n for n in layers if not torch.equal(copy.get_submodule(n).weight, model.get_submodule(n).weight)}))
+    assert seen == [("3", {"4", "3"}), ("0", set(layers))]
+    rows = cascading_randomization(model, lambda m, x, t: x.numpy(), torch.rand(3, 4), torch.zeros(3, dtype=torch.long),
+                                   steps=2)
+    assert [(r["layer"], r["layers_randomized"]) for r in rows] == [("3", 2), ("0", 5)]
+    assert [name for name, _ in randomized_copies(model, steps=99)] == layers  # more steps than layers: one per layer
+
+
 def test_a_map_that_ignores_the_model_fails_the_sanity_check():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     x = torch.rand(3, 1, 4, 4)

@@ -59,7 +59,7 @@ class Section:
 
     kind: str
     method: str
-    status: str  # "computed" | "reused" | "failed"
+    status: str  # "computed" | "reused" | "failed" | "skipped" (one sample would far exceed the time budget)
     result: Result | None = None
     error: str = ""
     traceback: str = ""  # for an unexpected exception (a bug, not bad input): where it came from
@@ -299,6 +299,10 @@ def _probe(run: Run) -> Context:
     )
 
 
+# A method whose single sample would take more than this many budgets is skipped, not run on one.
+SKIP_BEYOND = 2.0
+
+
 class Pace:
     """How many samples of a method fit the audit's time budget on this model: seconds per
     forward+backward pass, timed once on a few test samples when a method first asks."""
@@ -331,6 +335,10 @@ class Pace:
         if passes is None:
             return count, ""
         each = passes * self.seconds_per_pass() + cls.seconds_beside_model(parsed, self.probe.x[:1][0])
+        if each > SKIP_BEYOND * self.budget:
+            return 0, (f"skipped: one sample would take about {each:.0f} s on this model, over {SKIP_BEYOND:g}× the "
+                       f"audit's budget of {self.budget:g} s per method (xdl audit --budget; xdl {cls.kind} RUN "
+                       f"--method {cls.name} runs it)")
         fits = max(1, int(self.budget / each))
         if fits >= count:
             return count, ""
@@ -348,6 +356,10 @@ def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | 
     count = cls.samples if samples is None else min(samples, cls.samples or samples)
     try:
         count, cut = pace.samples(cls, overrides, count)
+        if count == 0:
+            skipped = Result(info.name, info.kind, summary=cut)
+            return Section(info.kind, info.name, "skipped", skipped, seconds=time.perf_counter() - started,
+                           package=info.package)
         wanted = expected_provenance(run, info.kind, info.name, samples=count, params=overrides)
         saved = _saved(run, info.kind, info.name, wanted)
         if saved is not None and not recompute:
@@ -410,7 +422,8 @@ def _progress(items: list, enabled: bool):
 def _say(section: Section) -> None:
     from tqdm.auto import tqdm
 
-    what = {"computed": f"{section.seconds:.1f}s ({section.cpu_seconds:.1f}s CPU)", "reused": "reused"}.get(section.status, f"failed: {section.error}")
+    what = {"computed": f"{section.seconds:.1f}s ({section.cpu_seconds:.1f}s CPU)", "reused": "reused",
+            "skipped": "skipped (over the time budget)"}.get(section.status, f"failed: {section.error}")
     tqdm.write(f"  {section.key:<22} {what}", file=sys.stderr)
 
 
@@ -434,7 +447,7 @@ def findings(run: Run, sections: list[Section]) -> list[Finding]:
                  "on this page is best read against it.",
         ))
     for s in sections:
-        if s.result is None:
+        if s.result is None or s.status == "skipped":
             continue
         try:
             found += load_analyzer(s.kind, s.method).findings(s.result)

@@ -223,32 +223,41 @@ def randomize(module: nn.Module, seed: int) -> None:
                 nn.init.normal_(p, std=0.02)
 
 
-def randomized_copies(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, nn.Module]]:
+def randomized_copies(model: nn.Module, seed: int = 0, steps: int | None = None) -> Iterator[tuple[str, nn.Module]]:
     """One CPU copy of ``model`` with one more layer re-initialized at each step, top layer first.
 
     The same copy is yielded each time (the cascade is cumulative); ``model`` is never touched.
-    Randomizing on the CPU makes a seed give the same weights on every device.
+    Randomizing on the CPU makes a seed give the same weights on every device. With ``steps``
+    below the layer count, the layers go in that many contiguous groups (as Adebayo et al.
+    randomize Inception v3 by blocks): one explanation per step, not per layer, on a deep model.
     """
     randomized = copy.deepcopy(model).cpu()
-    for i, (name, module) in enumerate(parameterized_layers(randomized)):
+    layers = parameterized_layers(randomized)
+    count = len(layers) if steps is None else min(steps, len(layers))
+    ends = {round((k + 1) * len(layers) / count) - 1 for k in range(count)} if count else set()
+    for i, (name, module) in enumerate(layers):
         randomize(module, seed + i)
-        yield name, randomized
+        if i in ends:
+            yield name, randomized
 
 
 def cascading_randomization(
     model: nn.Module, explain: Explainer, x: torch.Tensor, targets: torch.Tensor,
-    original: np.ndarray | None = None, seed: int = 0,
+    original: np.ndarray | None = None, seed: int = 0, steps: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Per cascade step: the layer just randomized and the mean :func:`map_similarity` with the original.
+    """Per cascade step: the last layer randomized, how many are, and the mean :func:`map_similarity`
+    with the original.
 
     The last row is the fully randomized model. ``original`` saves recomputing the trained
-    model's attributions when the caller has them.
+    model's attributions when the caller has them; ``steps`` groups the layers (see
+    :func:`randomized_copies`).
     """
     original = explain(model, x, targets) if original is None else np.asarray(original)
+    names = [name for name, _ in parameterized_layers(model)]
     rows = []
-    for i, (name, randomized) in enumerate(randomized_copies(model, seed)):
+    for name, randomized in randomized_copies(model, seed, steps):
         rho = map_similarity(original, explain(randomized, x, targets))
-        rows.append({"layer": name, "layers_randomized": i + 1, "spearman": mean_or_none(rho)})
+        rows.append({"layer": name, "layers_randomized": names.index(name) + 1, "spearman": mean_or_none(rho)})
     return rows
 
 

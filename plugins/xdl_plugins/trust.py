@@ -46,16 +46,18 @@ class TrustParams:
     methods: list[str] = field(default_factory=lambda: ["saliency", "ig", "shap", "lime"])
     steps: int = STEPS  # points on each deletion/insertion curve
     orders: int = RANDOM_ORDERS  # random orders averaged into the baseline
-    randomization: bool = True  # the cascading randomization check (one explanation per layer)
+    randomization: bool = True  # the cascading randomization check (one explanation per step)
+    cascade: int = 8  # its steps at most: deeper models' layers are randomized in that many top-down groups
     label_randomization: Literal["auto", "on", "off"] = "auto"  # auto: on runs of at most SMALL_RUN_ROWS training rows
 
     def __post_init__(self) -> None:
         if len(set(self.methods)) < 2:
             raise ValueError("methods needs at least two different explain methods to compare")
-        if self.steps < 1 or self.orders < 1:
-            raise ValueError(f"steps and orders must be >= 1, got {self.steps} and {self.orders}")
+        if self.steps < 1 or self.orders < 1 or self.cascade < 1:
+            raise ValueError(f"steps, orders and cascade must be >= 1, got {self.steps}, {self.orders} and {self.cascade}")
         at_most("steps", self.steps, 10_000)
         at_most("orders", self.orders, 1_000)
+        at_most("cascade", self.cascade, 10_000)
 
 
 class Trust(Analyzer):
@@ -71,6 +73,22 @@ class Trust(Analyzer):
         "A method that fails the randomization check is explaining the input, not the model."
     )
     check_params = {"methods": ["saliency", "deeplift"], "steps": 4, "orders": 1}  # one backward pass each
+
+    @classmethod
+    def passes(cls, params: TrustParams, shape) -> float | None:
+        """Each method's passes on the trained model and at every cascade step, plus the
+        deletion/insertion curves' forward passes (label randomization's retraining aside)."""
+        each = 0.0
+        for name in params.methods:
+            try:
+                method = load_analyzer("explain", name)
+                cost = method.passes(parse_params(method.Params, {}), shape)
+            except Exception:  # noqa: BLE001 - an unknown method fails in run(), with its own message
+                return None
+            if cost is None:
+                return None
+            each += cost
+        return each * (1 + (params.cascade if params.randomization else 0)) + 2 * params.steps * (1 + params.orders) / 3
 
     @classmethod
     def findings(cls, result: Result) -> list[Finding]:
@@ -105,7 +123,8 @@ class Trust(Analyzer):
             curves[name] = faithfulness(ctx.model, ctx.x, targets, maps[name], fill_value(ctx, ctx.x), params.steps,
                                         params.orders, ctx.seed, budget=4 * ctx.batch_size)
             if params.randomization:
-                cascades[name] = cascading_randomization(ctx.model, explain, ctx.x, targets, maps[name], ctx.seed)
+                cascades[name] = cascading_randomization(ctx.model, explain, ctx.x, targets, maps[name], ctx.seed,
+                                                         params.cascade)
         if len(maps) < 2:
             raise XdlError(f"fewer than two of the methods {', '.join(params.methods)} apply to {ctx.kind} data")
         permuted = permuted_label_model(ctx, params.label_randomization, result)
@@ -146,6 +165,12 @@ def permuted_label_model(ctx: Context, when: str, result: Result) -> nn.Module |
         return None
     if ctx.run is None or ctx.data is None:
         result.warnings.append("label randomization skipped: it retrains the run's model, and a bare model has no run")
+        return None
+    from xdl.imported import is_imported
+
+    if is_imported(ctx.run):
+        result.warnings.append("label randomization skipped: it retrains the model, and xdl does not know how an "
+                               "imported model was trained")
         return None
     data = ctx.data
     if when == "auto" and len(data.train.y) > SMALL_RUN_ROWS:
