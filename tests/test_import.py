@@ -279,8 +279,12 @@ def test_live_model_takes_a_dataset_and_audits_into_a_run(tmp_path):
     assert run.info["imported"]["format"] == "pt2" and (tmp_path / "run" / "data.npz").is_file()
     torch.testing.assert_close(run.model(x[:4]), model(x[:4]))
     # No training history: the overfit report does not apply (rather than fail in every audit);
-    # nor does the privacy report: xdl's split is not what the model was trained on.
-    assert xdl.audit(run, only=["overfit", "privacy"], progress=False).not_applicable == ["report/overfit", "report/privacy"]
+    # nor does the privacy report (xdl's split is not what the model was trained on), nor the
+    # labels report, which retrains the model on folds by a recipe xdl does not know.
+    assert xdl.audit(run, only=["overfit", "privacy", "labels"], progress=False).not_applicable == [
+        "report/labels", "report/overfit", "report/privacy"]
+    with pytest.raises(XdlError, match="'labels' does not apply to an imported model: the report retrains it"):
+        xdl.report(run, "labels", save=False)
     with pytest.raises(XdlError, match="'privacy' does not apply to an imported model: its training records are unknown"):
         xdl.report(run, "privacy", save=False)
     html = audit._repr_html_()

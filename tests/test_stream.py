@@ -119,7 +119,7 @@ def test_a_broken_file_is_one_clean_error_from_the_workers(tmp_path, monkeypatch
 def test_analyses_of_a_streamed_split_equal_the_in_memory_ones(folder_run, monkeypatch):
     cases = [("report", "bias", {"bootstrap": 20}, "test"), ("report", "calibration", {}, "test"),
              ("attack", "fgsm", {"eps": [0.05, 0.1]}, "train"), ("attack", "pgd", {"eps": 0.05, "steps": 3}, "train"),
-             ("explain", "saliency", {}, "test")]
+             ("explain", "saliency", {}, "test"), ("report", "duplicates", {}, "test")]
 
     def results(run):
         return {m: analyze(k, run, m, params=p, split=s, batch_size=7, save=False) for k, m, p, s in cases}

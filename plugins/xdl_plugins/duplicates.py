@@ -15,6 +15,7 @@ with a copy in train or validation is leaked: the test accuracy is recomputed wi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,23 +62,23 @@ class Duplicates(Analyzer):
         if ctx.data is None:
             raise XdlError("the duplicates report needs a run directory: it compares every split with every other")
         parts = [ctx.data.split(s) for s in SPLITS]
-        x = torch.cat([p.x for p in parts])
         y = torch.cat([p.y for p in parts]).numpy()
         split = np.repeat(np.arange(3), [len(p) for p in parts])
         source = np.concatenate([p.source_index for p in parts])
-        logits, features = logits_and_features(ctx.model, x, ctx.device, ctx.batch_size, "features" if ctx.progress else None)
+        logits, features, digests, hashes = _walk(ctx, parts)
         predicted = logits.argmax(1).numpy()
+        n = len(y)
 
-        exact = dup.exact_groups(x.numpy())
+        exact = dup.exact_groups(digests)
         first = np.unique(exact, return_index=True)[1][exact]  # every exact copy joins its group's first member
-        exact_edges = np.flatnonzero(first != np.arange(len(x)))
+        exact_edges = np.flatnonzero(first != np.arange(n))
         # Centred: ReLU features are all non-negative, so raw cosines of unrelated samples sit near 1.
         features = features - features[torch.as_tensor(split == 0)].mean(0)
-        i, j, cos, bits = self._near(ctx, params, x, features)
+        i, j, cos, bits = self._near(ctx, params, hashes, features)
         near = exact[i] != exact[j]  # copies with identical bytes are already exact
         i, j, cos = i[near], j[near], cos[near]
         bits = bits[near] if bits is not None else None
-        group = dup.components(len(x), np.r_[exact_edges, i], np.r_[first[exact_edges], j])
+        group = dup.components(n, np.r_[exact_edges, i], np.r_[first[exact_edges], j])
         sizes = np.bincount(group)
         members = np.flatnonzero(sizes[group] > 1)
         groups = np.unique(group[members])
@@ -116,7 +117,7 @@ class Duplicates(Analyzer):
         accuracy_clean = float((predicted[clean] == y[clean]).mean()) if clean.any() else float("nan")
         cross = int((splits_per_group > 1).sum())
         result.metrics.update(
-            samples=len(x), exact_duplicates=int((copies > 0).sum()),
+            samples=n, exact_duplicates=int((copies > 0).sum()),
             near_pairs=int(len(i)), duplicate_groups=int(len(groups)), cross_split_groups=cross,
             conflicting_groups=int(conflict.sum()), leaked_test=int(len(leaked)), test_samples=int(test.sum()),
             test_accuracy=accuracy, test_accuracy_without_leaked=accuracy_clean,
@@ -125,17 +126,20 @@ class Duplicates(Analyzer):
         if result.metrics["truncated"]:
             result.warnings.append(f"tables keep the first {params.max_rows} rows; arrays.npz holds every pair and group")
         result.summary = (
-            f"{len(groups)} duplicate groups over {len(x)} samples ({result.metrics['exact_duplicates']} samples with an "
+            f"{len(groups)} duplicate groups over {n} samples ({result.metrics['exact_duplicates']} samples with an "
             f"exact copy, {len(i)} near pairs), {cross} spanning splits; {len(leaked)} test samples leak from train/val "
             f"(test accuracy {accuracy:.4f}, {accuracy_clean:.4f} without them); {int(conflict.sum())} groups with conflicting labels"
         )
         if len(i) and ctx.kind == "image":
-            result.add_figure("near_pairs", _pairs(x, i[top[:8]], j[top[:8]], split, source, cos[top[:8]]))
+            shown = np.unique(np.r_[i[top[:8]], j[top[:8]]])
+            offsets = np.cumsum([0] + [len(p) for p in parts])
+            images = {int(m): parts[split[m]].x[int(m - offsets[split[m]])] for m in shown}  # 16 images, decoded alone
+            result.add_figure("near_pairs", _pairs(images, i[top[:8]], j[top[:8]], split, source, cos[top[:8]]))
         return result
 
     @staticmethod
-    def _near(ctx: Context, params: DuplicatesParams, x: torch.Tensor, features: torch.Tensor):
-        """Near pairs (i < j) with cosine ≥ threshold and, for images, hash distance ≤ limit."""
+    def _near(ctx: Context, params: DuplicatesParams, bits: torch.Tensor | None, features: torch.Tensor):
+        """Near pairs (i < j) with cosine ≥ threshold and, for images, hash distance (of ``bits``) ≤ limit."""
         unit = F.normalize(features, dim=1)
         threshold = params.feature_threshold
         if ctx.kind != "image":
@@ -143,7 +147,6 @@ class Duplicates(Analyzer):
             i, j, cos = dup.similar_pairs(unit, threshold, chunk=params.chunk, progress=ctx.progress)
             return i, j, cos, None
         threshold = 0.8 if threshold is None else threshold
-        bits = dup.phash(x)
         # One pass over [features, hash] / √2: the mean of both similarities bounds each from below,
         # so every pair meeting both thresholds is a candidate; each threshold is checked exactly after.
         hash_floor = 1 - 2 * params.hash_distance / bits.shape[1]
@@ -172,7 +175,25 @@ class Duplicates(Analyzer):
         )]
 
 
-def _pairs(x: torch.Tensor, a: np.ndarray, b: np.ndarray, split: np.ndarray, source: np.ndarray, cos: np.ndarray):
+def _walk(ctx: Context, parts: list) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None]:
+    """Logits, penultimate features, a 16-byte digest of each row's values (exact copies share
+    it) and, for images, the perceptual hash: one pass over every split in batches, so a
+    streamed split is decoded once and never held whole."""
+    logits, features, digests, hashes = [], [], [], []
+    for part in parts:
+        for _, xb in ctx.stream(part.x, desc="features" if ctx.progress else None):
+            lo, fe = logits_and_features(ctx.model, xb, ctx.device, len(xb))
+            logits.append(lo)
+            features.append(fe)
+            rows = np.ascontiguousarray(xb.cpu().numpy().reshape(len(xb), -1))
+            digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+            if ctx.kind == "image":
+                hashes.append(dup.phash(xb.cpu()))
+    digest = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16)
+    return torch.cat(logits), torch.cat(features), digest, torch.cat(hashes) if hashes else None
+
+
+def _pairs(x: dict[int, torch.Tensor], a: np.ndarray, b: np.ndarray, split: np.ndarray, source: np.ndarray, cos: np.ndarray):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(1.5 * len(a), 3.4), layout="constrained")

@@ -48,6 +48,8 @@ class Labels(Analyzer):
     sharding = "none"  # the confident joint needs the whole split
     description = "likely mislabeled samples by confident learning on out-of-fold probabilities"
     check_params = {"folds": 2, "epochs": 1, "show": 4}
+    inapplicable = "an imported model: the report retrains it on folds of the data, and xdl does not know its recipe"
+    needs_xdl_training = True
 
     def run(self, ctx: Context, params: LabelsParams) -> Result:
         if ctx.run is None or ctx.data is None:

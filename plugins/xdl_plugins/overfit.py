@@ -46,13 +46,7 @@ class Overfit(Analyzer):
     )
 
     inapplicable = "an imported model: it has no training history"
-
-    @classmethod
-    def applies(cls, ctx: Context) -> bool:
-        from xdl.imported import is_imported
-
-        # A model brought in with `xdl import` has no training history to draw curves from.
-        return super().applies(ctx) and not is_imported(ctx.run)
+    needs_xdl_training = True
 
     def run(self, ctx: Context, params: OverfitParams) -> Result:
         if ctx.run is None:

@@ -63,12 +63,7 @@ class Privacy(Analyzer):
     # model's own (unknown) training recipe: at 224 px, eight ResNet retrainings besides.
     inapplicable = ("an imported model: its training records are unknown, so membership cannot be tested "
                     "against this run's split")
-
-    @classmethod
-    def applies(cls, ctx: Context) -> bool:
-        from xdl.imported import is_imported
-
-        return super().applies(ctx) and not is_imported(ctx.run)
+    needs_xdl_training = True
 
     def run(self, ctx: Context, params: PrivacyParams) -> Result:
         if ctx.run is None or ctx.data is None:

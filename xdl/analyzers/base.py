@@ -472,6 +472,9 @@ class Analyzer:
     applies_to: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
     # What ``applies`` refuses beyond the data kind, for the error ("... does not apply to <this>").
     inapplicable: ClassVar[str] = ""
+    # Needs what only xdl's own training knows (its history, its recipe to retrain, which rows
+    # trained the model): an imported model has none of it, so such an analyzer does not apply.
+    needs_xdl_training: ClassVar[bool] = False
     description: ClassVar[str] = ""
     # One or two plain sentences for the audit page: how to read this section and what
     # would be worrying (with the literature reference where there is one).
@@ -509,6 +512,11 @@ class Analyzer:
 
     @classmethod
     def applies(cls, ctx: Context) -> bool:
+        if cls.needs_xdl_training:
+            from xdl.imported import is_imported
+
+            if is_imported(ctx.run):
+                return False
         return ctx.kind in cls.applies_to
 
     @classmethod
