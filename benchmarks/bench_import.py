@@ -82,7 +82,8 @@ def worker(which: str, method: str, n: int, size: int, draws: int, chunk: int) -
             from xdl.data.types import DataSplits, Split
 
             ref = Split(background, torch.zeros(len(background), dtype=torch.long))
-            data = DataSplits(ref, ref, Split(x, target), "image", [str(i) for i in range(1000)], spec={})
+            test = Split(x, torch.zeros(n, dtype=torch.long))  # labels unused: the predicted class is explained
+            data = DataSplits(ref, ref, test, "image", [str(i) for i in range(1000)], spec={})
             result = xdl.explain(model, "shap", data=data, samples=None, params=params, save=False, batch_size=8)
         else:
             result = xdl.explain(model, method, x=x, samples=None, params=params, save=False, batch_size=8)
