@@ -109,6 +109,20 @@ def test_deep_shap_rewrites_inplace_activations():
     assert model[1].inplace  # restored afterwards
 
 
+def test_shap_draws_chunked_to_the_activation_cap_give_the_same_values(digits_run, monkeypatch):
+    from xdl.analyzers.base import Context
+
+    params = {"background": 20}
+    whole = xdl.explain(digits_run, "shap", samples=3, seed=4, params=params, save=False)
+    # 7 rows per model call: one sample per batch, its 50 draws in 8 calls (a 224 px ResNet-50 allows 6).
+    # Each sample's draws come from its own generator, so neither split changes a value.
+    monkeypatch.setattr(Context, "rows", lambda self: 7)
+    chunked = xdl.explain(digits_run, "shap", samples=3, seed=4, params=params, save=False)
+    np.testing.assert_allclose(chunked.arrays["shap"], whole.arrays["shap"], rtol=1e-4, atol=1e-6)
+    assert chunked.metrics["estimated_correlation_with_converged_median"] == pytest.approx(
+        whole.metrics["estimated_correlation_with_converged_median"], abs=1e-5)
+
+
 def test_shap_is_seeded(digits_run):
     runs = [xdl.explain(digits_run, "shap", samples=2, seed=s, params={"background": 20}, save=False) for s in (1, 1, 2)]
     assert np.array_equal(runs[0].arrays["shap"], runs[1].arrays["shap"])
