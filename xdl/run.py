@@ -140,11 +140,10 @@ class Run:
     @cached_property
     def model(self) -> nn.Module:
         """The trained model on CPU, in eval mode, rebuilt from run.json with no flags."""
+        from xdl.imported import is_imported, load_model
         from xdl.models import build_model
 
-        if isinstance(self.info.get("imported"), dict):  # a model xdl did not train (xdl import)
-            from xdl.imported import load_model
-
+        if is_imported(self):  # a model xdl did not train (xdl import)
             return load_model(self, getattr(self, "trust_code", None))
         cfg = self.info["model"]
         if cfg["name"] == "custom":

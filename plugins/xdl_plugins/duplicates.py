@@ -185,10 +185,11 @@ def _walk(ctx: Context, parts: list) -> tuple[torch.Tensor, torch.Tensor, np.nda
             lo, fe = logits_and_features(ctx.model, xb, ctx.device, len(xb))
             logits.append(lo)
             features.append(fe)
-            rows = np.ascontiguousarray(xb.cpu().numpy().reshape(len(xb), -1))
+            cpu = xb.cpu()
+            rows = np.ascontiguousarray(cpu.numpy().reshape(len(cpu), -1))
             digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
             if ctx.kind == "image":
-                hashes.append(dup.phash(xb.cpu()))
+                hashes.append(dup.phash(cpu))
     digest = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16)
     return torch.cat(logits), torch.cat(features), digest, torch.cat(hashes) if hashes else None
 

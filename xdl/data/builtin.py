@@ -19,7 +19,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     and costs seconds for a 1,797-row table. Without the file, sklearn's loader reads it.
     """
     spec = importlib.util.find_spec("sklearn")
-    table = Path(next(iter(spec.submodule_search_locations or []), "")) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    table = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
     if table is None or not table.is_file():
         from sklearn.datasets import load_digits as sk_digits
 
