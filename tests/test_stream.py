@@ -151,6 +151,51 @@ def test_training_on_a_streamed_folder_equals_training_in_memory(folder, folder_
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_streamed_run_is_checked_by_its_files_and_loads_without_decoding(folder, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from xdl import provenance
+    from xdl.data.stream import ImageFiles
+
+    memory = load_data(str(folder), input_size=12)
+    root = shutil.copytree(folder, tmp_path / "folder")
+    streamed(monkeypatch)  # decoding in this process, where it can be counted
+    run = xdl.train(str(root), "cnn", tmp_path / "run", epochs=1, batch_size=8, quiet=True,
+                    data_options={"input_size": 12}, model_options={"channels": [4], "hidden": 8})
+    assert run.info["streamed_digest"] == "files"
+    decoded = collections.Counter()
+    decode = ImageFiles.__getitem__
+    monkeypatch.setattr(ImageFiles, "__getitem__", lambda self, i: decoded.update([self.paths[i]]) or decode(self, i))
+    run = xdl.load(run.path)
+    test = run.data.test
+    assert not decoded  # the splits were checked against run.json from the files' bytes alone
+    analyze("report", run, "bias", params={"bootstrap": 0}, save=False, batch_size=7)
+    assert set(decoded) == set(test.x.paths()) and max(decoded.values()) <= 2  # a pass, and figure samples
+    with pytest.raises(XdlError, match="would need all of it in memory"):
+        np.asarray(test.x)
+
+    # A run saved before the files digest holds its streamed splits' pixel digest: the same as
+    # the in-memory splits' digest (the paths decode alike), still accepted.
+    info = json.loads((run.path / "run.json").read_text())
+    files_digest = info["data_sha256"]
+    del info["streamed_digest"]
+    info["data_sha256"] = provenance.splits_digest(memory)
+    (run.path / "run.json").write_text(json.dumps(info))
+    assert xdl.load(run.path).data.test.streamed
+
+    # One image re-saved with other pixels: refused under either digest.
+    first = sorted((root / "class1").iterdir())[0]
+    with Image.open(first) as image:
+        Image.new(image.mode, image.size).save(first)
+    with pytest.raises(XdlError, match="changed since"):
+        xdl.load(run.path).data
+    info.update(streamed_digest="files", data_sha256=files_digest)
+    (run.path / "run.json").write_text(json.dumps(info))
+    with pytest.raises(XdlError, match="changed since"):
+        xdl.load(run.path).data
+
+
 def test_batches_walks_a_tensor_and_its_rows():
     x = torch.arange(10.0)[:, None]
     got = list(batches(x, 3, rows=slice(2, 9)))

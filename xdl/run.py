@@ -170,7 +170,7 @@ class Run:
             raise XdlError(f"{self.path} was trained on data given in memory ({spec['name']!r}); xdl cannot reload it")
         data = self._named(load_data(spec))
         saved = self.info.get("data_sha256")
-        if saved is None or splits_digest(data) == saved:
+        if saved is None or splits_digest(data) == saved or self._legacy_digest(data) == saved:
             return data
         where = self.info["data"].get("path") or self.info["data"].get("name")
         if not self.reencode:
@@ -181,6 +181,14 @@ class Run:
         self.data_warning = f"the data {where} changed since training; it was encoded with the run's saved encoding"
         print(f"warning: {self.data_warning}", file=sys.stderr)
         return data
+
+    def _legacy_digest(self, data: DataSplits) -> str | None:
+        """A streamed folder's digest as runs saved before ``STREAMED_DIGEST`` computed it (its pixels)."""
+        from xdl.provenance import STREAMED_DIGEST, splits_digest
+
+        if not data.train.streamed or self.info.get("streamed_digest") == STREAMED_DIGEST:
+            return None
+        return splits_digest(data, pixels=True)
 
     def _named(self, data: DataSplits) -> DataSplits:
         """An imported model's own class names (from its config or --classes) over the data's."""
@@ -283,7 +291,7 @@ def save_run(
     extra: dict | None = None,
 ) -> Run:
     """Write a complete run directory; ``run.json`` goes last so a crash leaves no half-run."""
-    from xdl.provenance import splits_digest
+    from xdl.provenance import STREAMED_DIGEST, splits_digest
 
     path.mkdir(parents=True, exist_ok=True)
     save_weights(model, path / WEIGHTS)
@@ -295,6 +303,7 @@ def save_run(
         "dataset": {**data.describe(), "notes": data.notes},
         "encoding": data.encoding.to_json() if data.encoding else None,
         "data_sha256": splits_digest(data),
+        **({"streamed_digest": STREAMED_DIGEST} if data.train.streamed else {}),
         "train": train_cfg,
         "metrics": metrics,
         "versions": versions(),

@@ -184,6 +184,14 @@ class LazyImages:
     def dim(self) -> int:
         return 4
 
+    def paths(self) -> list[str]:
+        """The files of this view, in its order."""
+        return [self.files.paths[i] for i in self.index]
+
+    def __array__(self, *args, **kwargs):
+        # Without it numpy would build the array image by image through __getitem__.
+        self.numpy()
+
     def view(self, index: np.ndarray | Sequence[int] | torch.Tensor) -> "LazyImages":
         """The images at positions ``index`` of this view, still undecoded."""
         return LazyImages(self.files, self.index[_positions(len(self), index)])
