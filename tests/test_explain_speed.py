@@ -90,14 +90,63 @@ def test_fast_model_computes_the_same_function_and_gradients(digits_run):
     torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
 
 
-def test_fast_model_keeps_a_model_fx_cannot_trace():
-    class Branchy(nn.Module):
+class ConvNorm(nn.Module):
+    """conv → BatchNorm, with the conv's output read as ``how`` says (statistics set, eval mode)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+        self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.5, 2), self.bn.weight.data.uniform_(0.5, 2)
+
+    def forward(self, x):
+        if x.shape[1] != 1:  # a shape check, as Hugging Face models make: fixed for a given input shape
+            raise ValueError("one channel")
+        y = self.conv(x)
+        if self.how == "branch":  # which reader the conv has depends on the data
+            return (self.bn(y) if x.sum() > 0 else y).flatten(1)
+        return (self.bn(y) + y if self.how == "shared" else self.bn(y)).flatten(1)
+
+
+@pytest.mark.parametrize("how, folded", [("plain", True), ("shared", False), ("branch", False)])
+def test_fast_model_folds_a_batchnorm_only_where_it_alone_reads_the_convolution(how, folded):
+    torch.manual_seed(0)
+    model = ConvNorm(how).eval()
+    fast = fast_model(model, torch.rand(2, 1, 5, 5))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) != folded
+    for x in (torch.rand(3, 1, 5, 5), -torch.rand(3, 1, 5, 5)):  # both branches of "branch"
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_model_folds_a_hugging_face_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from xdl.imported import Imported
+
+    torch.manual_seed(0)
+    net = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                    layer_type="basic", num_labels=3)).eval()
+    for m in net.modules():  # statistics that make a wrong fold show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    model = Imported(net, (3, 32, 32)).eval()
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    fast = fast_model(model, x[:2].detach())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    (g1,) = torch.autograd.grad(model(x)[:, 1].sum(), x)
+    (g2,) = torch.autograd.grad(fast(x)[:, 1].sum(), x)
+    torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_model_keeps_a_model_that_cannot_run_channels_last():
+    class Viewed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(1, 2, 3)
+            self.conv, self.head = nn.Conv2d(1, 2, 3), nn.Linear(18, 2)
 
         def forward(self, x):
-            return self.conv(x).flatten(1) if x.sum() > 0 else -self.conv(x).flatten(1)
+            return self.head(self.conv(x).view(len(x), -1))  # view needs the default layout
 
-    model = Branchy().eval()
+    model = Viewed().eval()
     assert fast_model(model, torch.rand(2, 1, 5, 5)) is model
