@@ -13,9 +13,10 @@ $(BIN)/xdl: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]' $(TORCH)
-	# Independent FGSM/APGD/Square/AutoAttack references for the agreement tests; --no-deps
-	# because torchattacks would pull torchvision, which does not import beside the CPU wheel.
-	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	# Independent references for the agreement tests: FGSM/APGD/Square/AutoAttack (torchattacks)
+	# and Grad-CAM (grad-cam, with ttach); --no-deps because both would pull torchvision, which
+	# does not import beside the CPU wheel.
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1 grad-cam==1.5.7 ttach==0.0.3
 	touch $(BIN)/xdl
 
 setup: $(BIN)/xdl

@@ -216,6 +216,37 @@ def test_gradcam_on_a_resnet_equals_captums_layer_gradcam():
     np.testing.assert_allclose(result.arrays["attributions"], expected, rtol=1e-4, atol=1e-7)
 
 
+def test_gradcam_on_a_resnet_agrees_with_the_grad_cam_package(monkeypatch):
+    """Reference: pytorch-grad-cam's GradCAM on the same layer. It scales each map to [0, 1]
+    before resizing it (affine, and bilinear resizing commutes with it), so the maps agree up
+    to a positive scale and offset per image."""
+    import sys
+    import types
+
+    # The package imports torchvision at its top for image helpers and detection targets that
+    # GradCAM never calls; torchvision does not import beside the CPU torch wheel, so those are stubbed.
+    stub = types.ModuleType("torchvision")
+    stub.transforms = types.SimpleNamespace(Compose=None, Normalize=None, ToTensor=None, functional=None)
+    stub.ops = types.SimpleNamespace(box_iou=None)
+    for name, module in {"torchvision": stub, "torchvision.transforms": stub.transforms,
+                         "torchvision.transforms.functional": types.SimpleNamespace(resize=None)}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, x = tiny_resnet(), torch.rand(4, 3, 32, 32)
+    result = xdl.explain(model, "gradcam", x=x)
+    assert result.params["layer"] == "model.resnet.encoder.stages.1"
+    targets = [ClassifierOutputTarget(int(t)) for t in result.arrays["targets"]]
+    with GradCAM(Imported(model, (3, 32, 32)).eval(), [model.resnet.encoder.stages[-1]]) as cam:
+        expected = cam(input_tensor=x, targets=targets)
+    ours = result.arrays["attributions"][:, 0]
+    for a, b in zip(ours, expected):
+        scale, offset = np.polyfit(a.ravel(), b.ravel(), 1)
+        assert scale > 0 and b.max() > 0.99
+        np.testing.assert_allclose(scale * a + offset, b, atol=1e-4)
+
+
 def test_gradcam_on_a_vit_uses_the_patch_token_grid():
     """Known answer by hand: weights = mean gradient over the 4×4 patch grid, CAM = ReLU(Σ w·A), upsampled."""
     model, x = tiny_vit(), torch.rand(3, 3, 16, 16)
