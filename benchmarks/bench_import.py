@@ -6,9 +6,9 @@ beside the libraries' own calls on the same images and the same settings — cap
 IntegratedGradients with ``internal_batch_size`` set to the rows xdl's memory cap gives
 (the faster, fair baseline; its default — all steps of all images in one pass, 82 MiB per
 row at 224 px — is measured on one image for its peak memory, the known failure),
-shap.GradientExplainer, captum LayerGradCam on the layer xdl picks (the ``grad-cam``
-package imports torchvision, which does not import beside this CPU torch, so captum stands
-in for it), captum Occlusion (it has no default window: it gets xdl's default for the size,
+shap.GradientExplainer, the ``grad-cam`` package's GradCAM on the layer xdl picks (it
+imports torchvision names that GradCAM never calls, stubbed as in the tests: torchvision
+does not import beside this CPU torch), captum Occlusion (it has no default window: it gets xdl's default for the size,
 16 px stride 8 at 224). Each workload runs in its own process, so its peak RSS is its own;
 time is the process's CPU time (all threads), which a machine shared with other jobs
 inflates less than wall time. Both sides explain the predicted class, so the library's
@@ -68,6 +68,8 @@ def worker(which: str, method: str, n: int, size: int, draws: int, chunk: int) -
     import shap
     from captum import attr
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
     import xdl.plotting  # noqa: F401
     from xdl.analyzers import load_analyzer
 
@@ -99,9 +101,11 @@ def worker(which: str, method: str, n: int, size: int, draws: int, chunk: int) -
             explainer = shap.GradientExplainer(model, background)
             explainer.shap_values(x, nsamples=draws, ranked_outputs=1, rseed=0)
         elif method == "gradcam":
-            layer = net.resnet.encoder.stages[-1]  # the layer xdl picks on its own
-            maps = attr.LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
-            attr.LayerAttribution.interpolate(maps, (size, size), interpolate_mode="bilinear")
+            from references import grad_cam  # tests/references.py: the package, importable here
+
+            GradCAM, ClassifierOutputTarget = grad_cam()
+            with GradCAM(model, [net.resnet.encoder.stages[-1]]) as cam:  # the layer xdl picks on its own
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
         else:
             from xdl_plugins.saliency import occlusion_window
 
@@ -141,7 +145,7 @@ def bar1(n: int, size: int, draws: int, methods: tuple[str, ...]) -> list[dict]:
         theirs = measure("lib", method, count, size, draws, chunk if method in ("ig", "occlusion") else 0)
         base = {"ig": f"captum IG ({IG_STEPS} steps, internal_batch_size={chunk})",
                 "shap": f"shap GradientExplainer ({draws} draws)",
-                "gradcam": "captum LayerGradCam (grad-cam unavailable)",
+                "gradcam": "grad-cam's GradCAM",
                 "occlusion": f"captum Occlusion (xdl's default window, perturbations_per_eval={chunk})"}[method]
         print(f"{method}: xdl {ours} | {base} {theirs}", file=sys.stderr)
         rows.append({

@@ -203,7 +203,7 @@ def test_factory_import_needs_trust_and_names_the_first_misfit(tmp_path, monkeyp
 
 
 def test_gradcam_on_a_resnet_equals_captums_layer_gradcam():
-    """Reference: captum's LayerGradCam on the last stage (pytorch-grad-cam needs torchvision, absent here)."""
+    """Reference: captum's LayerGradCam on the last stage, whose maps are not rescaled: equal values."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     model, x = tiny_resnet(), torch.rand(4, 3, 16, 16)
@@ -220,20 +220,9 @@ def test_gradcam_on_a_resnet_agrees_with_the_grad_cam_package(monkeypatch):
     """Reference: pytorch-grad-cam's GradCAM on the same layer. It scales each map to [0, 1]
     before resizing it (affine, and bilinear resizing commutes with it), so the maps agree up
     to a positive scale and offset per image."""
-    import sys
-    import types
+    from references import grad_cam
 
-    # The package imports torchvision at its top for image helpers and detection targets that
-    # GradCAM never calls; torchvision does not import beside the CPU torch wheel, so those are stubbed.
-    stub = types.ModuleType("torchvision")
-    stub.transforms = types.SimpleNamespace(Compose=None, Normalize=None, ToTensor=None, functional=None)
-    stub.ops = types.SimpleNamespace(box_iou=None)
-    for name, module in {"torchvision": stub, "torchvision.transforms": stub.transforms,
-                         "torchvision.transforms.functional": types.SimpleNamespace(resize=None)}.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+    GradCAM, ClassifierOutputTarget = grad_cam(monkeypatch.setitem)
     model, x = tiny_resnet(), torch.rand(4, 3, 32, 32)
     result = xdl.explain(model, "gradcam", x=x)
     assert result.params["layer"] == "model.resnet.encoder.stages.1"
