@@ -48,7 +48,8 @@ def fast_model(model: nn.Module, sample: torch.Tensor) -> nn.Module:
 
     copied = copy.deepcopy(model)
     try:
-        copied = fuse(copied)
+        # In place on the copy: where fx fails, it fails tracing, before it changes anything.
+        copied = fuse(copied, inplace=True)
     except Exception:  # noqa: BLE001 - a model fx cannot trace (control flow, …): export's graph instead
         for conv, norm in _conv_norm_pairs(copied, sample):
             _swap(copied, conv, fuse_conv_bn_eval(copied.get_submodule(conv), copied.get_submodule(norm)))
