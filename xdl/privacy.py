@@ -34,6 +34,7 @@ from torch import nn
 
 from xdl.data.types import DataSplits, Split
 from xdl.errors import XdlError
+from xdl.provenance import file_digest
 
 # False-positive rates at which the field reports attack success (Carlini et al. 2022, §III).
 LOW_FPRS = (0.001, 0.01)
@@ -171,10 +172,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def reference_models(
     run_info: dict,
     data: DataSplits,
@@ -213,7 +210,7 @@ def reference_models(
                 record = json.loads(meta.read_text(encoding="utf-8"))
             except (ValueError, OSError):  # a damaged record only costs retraining this model
                 record = {}
-            if isinstance(record, dict) and record.get("key") == key and record.get("weights_sha256") == _file_digest(weights):
+            if isinstance(record, dict) and record.get("key") == key and record.get("weights_sha256") == file_digest(weights):
                 net = build_model(model_cfg, in_shape, classes)
                 load_weights(net, weights)
                 models.append(net.to(device).eval())
@@ -235,7 +232,7 @@ def reference_models(
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             save_weights(net, weights)
-            write_json(meta, {"key": key, "weights_sha256": _file_digest(weights), "model": model_cfg,
+            write_json(meta, {"key": key, "weights_sha256": file_digest(weights), "model": model_cfg,
                               "train": {**train_cfg, "seed": cfg.seed}, "data": data.spec,
                               "population": population_id, "index": k, "count": count, "seed": seed,
                               "trained_on": members.tolist()})
