@@ -64,7 +64,7 @@ def library(kind: str, work: Path, options: dict) -> None:
     """Run one library explanation on the saved images; save its target-class attributions."""
     import torch
 
-    from xdl.run import Run
+    from xdl.runs.run import Run
 
     torch.set_num_threads(2)
     model = Run(work / "run").model
@@ -142,7 +142,7 @@ def prepare(work: Path, data_dir: Path, n: int) -> None:
     import torch
 
     import xdl
-    from xdl.analyzers import Context, Result
+    from xdl.analysis import Context, Result
     from xdl_plugins.shap import draw_background
 
     run = xdl.load(work / "run")

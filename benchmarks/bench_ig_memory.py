@@ -30,7 +30,7 @@ def worker(which: str, n: int, size: int) -> dict:
     import torch
 
     import xdl
-    from xdl.models import build_model, model_config
+    from xdl.models.builders import build_model, model_config
 
     torch.manual_seed(0)
     # The default digits/MNIST CNN (32 and 64 channels); untrained weights use the same memory.

@@ -58,7 +58,7 @@ def worker(which: str, method: str, n: int, size: int, draws: int, chunk: int) -
     import torch
 
     torch.manual_seed(0)
-    from xdl.imported import Imported
+    from xdl.models.imported import Imported
 
     net = resnet50(size)
     model = Imported(net, (3, size, size)).eval()  # the same wrapped model for both sides
@@ -71,7 +71,7 @@ def worker(which: str, method: str, n: int, size: int, draws: int, chunk: int) -
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
     import xdl.plotting  # noqa: F401
-    from xdl.analyzers import load_analyzer
+    from xdl.analysis import load_analyzer
 
     load_analyzer("explain", method)
     cpu, start = time.process_time(), time.perf_counter()
@@ -128,8 +128,8 @@ def xdl_rows(size: int) -> int:
     """The rows per model call xdl's activation cap allows for the ResNet-50 at this size."""
     import torch
 
-    from xdl.imported import Imported
-    from xdl.inference import rows_per_pass
+    from xdl.models.imported import Imported
+    from xdl.models.inference import rows_per_pass
 
     return rows_per_pass(Imported(resnet50(size), (3, size, size)).eval(), torch.rand(1, 3, size, size))
 

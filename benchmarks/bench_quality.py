@@ -195,7 +195,7 @@ def bench_scale(run, digits: np.ndarray, labels: np.ndarray, n: int) -> list[dic
     from sklearn.neighbors import NearestNeighbors
 
     from xdl.data.types import DataSplits, Split
-    from xdl.quality.features import logits_and_features
+    from xdl.methods.quality.features import logits_and_features
 
     shifts = [(0, 0), (0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1), (0, 2), (2, 0), (0, -2)]
     reps = -(-n // len(digits))

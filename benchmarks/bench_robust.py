@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import xdl  # noqa: E402
 from mnist_like import _write_idx  # noqa: E402
-from xdl import masking, robust  # noqa: E402
-from xdl.autoattack import ATTACKS, autoattack  # noqa: E402
-from xdl.corruptions import TYPES, corrupt  # noqa: E402
+from xdl.methods import robust  # noqa: E402
+from xdl.methods import masking
+from xdl.methods.autoattack import ATTACKS, autoattack  # noqa: E402
+from xdl.methods.corruptions import TYPES, corrupt  # noqa: E402
 from xdl.data.idx import read_idx  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"

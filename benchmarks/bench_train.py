@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import xdl  # noqa: E402
 from mnist_like import write_mnist_like  # noqa: E402
 from xdl.data import load_data  # noqa: E402
-from xdl.models import build_model, model_config, set_normalization  # noqa: E402
-from xdl.training import TrainConfig, evaluate, fit  # noqa: E402
+from xdl.models.builders import build_model, model_config, set_normalization  # noqa: E402
+from xdl.training.loop import TrainConfig, evaluate, fit  # noqa: E402
 
 
 def row(workload: str, mine, baseline, target: str, met: bool) -> dict:

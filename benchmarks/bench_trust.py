@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import xdl  # noqa: E402
 from mnist_like import write_mnist_like  # noqa: E402
-from xdl.evaluation import STEPS, perturbation_curves, removal_positions, unit_scores  # noqa: E402
+from xdl.analysis.evaluation import STEPS, perturbation_curves, removal_positions, unit_scores  # noqa: E402
 
 
 def row(workload: str, mine, baseline, target: str, met: bool, ratio=None) -> dict:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import xdl
-from xdl import robust
+from xdl.methods import robust
 from xdl.cli.main import main as xdl_main
 from xdl.testing import check_analyzer
 
@@ -74,7 +74,7 @@ def test_training_attack_keeps_train_mode_and_accumulates_no_gradients():
 
 @pytest.mark.parametrize("method, params", [("fgsm", {"eps": 0.1}), ("pgd", {"eps": [0, 0.1], "steps": 3})])
 def test_attacks_pass_the_analyzer_contract(method, params):
-    from xdl.analyzers.registry import load_analyzer
+    from xdl.analysis.registry import load_analyzer
 
     results = check_analyzer(load_analyzer("attack", method), params)
     assert set(results) == {"image", "tabular"}

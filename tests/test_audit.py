@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 import xdl
-from xdl.analyzers.base import Result
-from xdl.auditing import Audit, Section, findings, select
-from xdl.analyzers.registry import PluginInfo
+from xdl.analysis.base import Result
+from xdl.auditing.audit import Audit, Section, findings, select
+from xdl.analysis.registry import PluginInfo
 from xdl.errors import XdlError
 from xdl.render import render_audit
 
@@ -27,7 +27,7 @@ THIRD_PARTY = '''
 from dataclasses import dataclass
 
 import numpy as np
-from xdl.analyzers.base import Analyzer
+from xdl.analysis.base import Analyzer
 
 
 @dataclass
@@ -247,10 +247,10 @@ def test_findings_come_from_the_analyzers_own_classes(digits_run):
 def test_the_audit_module_names_no_plugin_metric_key():
     import inspect
 
-    import xdl.auditing
-    import xdl.evaluation
+    import xdl.auditing.audit
+    import xdl.analysis.evaluation
 
-    for module in (xdl.auditing, xdl.evaluation):
+    for module in (xdl.auditing.audit, xdl.analysis.evaluation):
         source = inspect.getsource(module)
         for key in ("robust_accuracy", "worst_class", "demographic_parity", '"ece"', "diagnosis", "most_trusted",
                     '"shap"', '"weights"', '"segments"'):
@@ -275,7 +275,7 @@ def test_cli_says_where_the_audit_is(audited, audit_json):
 def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path, monkeypatch):
     import shutil as sh
 
-    from xdl.auditing import Pace
+    from xdl.auditing.audit import Pace
 
     run = tmp_path / "run"
     sh.copytree(digits_run.path, run)
@@ -292,7 +292,7 @@ def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path, 
 
 def test_the_budget_counts_work_outside_the_model(digits_run, monkeypatch):
     """LIME's segmentation is not a model pass: at 224 px it took 69 s against a 30 s budget."""
-    from xdl.auditing import Pace, _probe
+    from xdl.auditing.audit import Pace, _probe
     from xdl_plugins.lime import Lime
 
     pace = Pace(_probe(digits_run), budget=30.0)

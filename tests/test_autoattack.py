@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import xdl
-from xdl import masking, robust
-from xdl.autoattack import apgd, autoattack, checkpoints, dlr_loss, margin, square
+from xdl.methods import masking
+from xdl.methods import robust
+from xdl.methods.autoattack import apgd, autoattack, checkpoints, dlr_loss, margin, square
 
 N = 48  # samples per attack: enough to compare attacks, few enough for a 2-core CI
 

@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdl.analyzers.registry import discover, load_analyzer
+from xdl.analysis.registry import discover, load_analyzer
 from xdl.cli.main import COMMANDS, cli
 from xdl.errors import XdlError
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import xdl
-from xdl.coguard import CatastrophicOverfitGuard
-from xdl.training import TrainConfig
+from xdl.training.coguard import CatastrophicOverfitGuard
+from xdl.training.loop import TrainConfig
 
 
 def test_guard_keeps_the_peak_and_stops_on_collapse():

@@ -11,7 +11,7 @@ import torch
 
 import xdl
 from xdl.errors import XdlError
-from xdl.models import build_model, model_config
+from xdl.models.builders import build_model, model_config
 
 
 def cli(*args, cwd=None):
@@ -27,7 +27,7 @@ def test_run_directory_rebuilds_the_model(digits_run):
     assert not again.model.training
     assert len(again.history) == 4
     # The reloaded net on the reloaded splits gives the metrics the trained net gave at training time.
-    from xdl.training import evaluate
+    from xdl.training.loop import evaluate
 
     for split in ("train", "val", "test"):
         measured = evaluate(again.model, again.data.split(split), torch.device("cpu"))
@@ -36,9 +36,9 @@ def test_run_directory_rebuilds_the_model(digits_run):
 
 
 def test_a_saved_run_reloads_as_the_trained_net(tmp_path):
-    from xdl.models import set_normalization
-    from xdl.run import save_run
-    from xdl.training import TrainConfig, fit
+    from xdl.models.builders import set_normalization
+    from xdl.runs.run import save_run
+    from xdl.training.loop import TrainConfig, fit
 
     data = xdl.load_data("digits", limit=60)
     cfg = model_config("cnn", "image", channels=[4], hidden=8)
@@ -60,7 +60,7 @@ def test_training_is_deterministic_on_cpu(tmp_path):
 
 
 def test_model_takes_natural_range_inputs(digits_run):
-    from xdl.models import Normalize
+    from xdl.models.builders import Normalize
 
     norm = digits_run.model[0]
     assert isinstance(norm, Normalize)
@@ -75,7 +75,7 @@ def test_cnn_fits_every_image_size(shape):
 
 
 def test_augmentations_do_what_they_say():
-    from xdl.training import TrainConfig, augment
+    from xdl.training.loop import TrainConfig, augment
 
     torch.manual_seed(0)
     x = torch.rand(64, 3, 16, 16) * 0.5 + 0.25  # away from the clamp at 0 and 1
@@ -155,7 +155,7 @@ def test_few_steps_train_without_a_one_cycle_crash(tmp_path):
 
 
 def test_forced_result_replaces_the_whole_folder(tmp_path):
-    from xdl.analyzers import Result
+    from xdl.analysis import Result
 
     first = Result("m", "explain", figures={"old": b"png"}, metrics={"a": 1})
     first.save(tmp_path / "m")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import xdl
-from xdl.corruptions import TYPES, corrupt
+from xdl.methods.corruptions import TYPES, corrupt
 from xdl.errors import XdlError
 
 

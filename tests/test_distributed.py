@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 import xdl
-from xdl import distributed
-from xdl.analyzers import Result
-from xdl.distributed import World
+from xdl.training import distributed
+from xdl.analysis.base import merge
+from xdl.analysis import Result
+from xdl.training.distributed import World
 
 
 def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -60,7 +61,7 @@ def test_merge_concatenates_per_sample_arrays_and_weights_metrics():
         Result("m", "attack", summary="second", metrics={"accuracy": 0.0, "samples": 1, "eps": 0.1, "sweep": [0.0, 0.5]},
                arrays={"adv": np.ones((1, 3)), "grid": np.arange(4.0)}, tables={"rows": [{"i": 2}]}, warnings=["w"]),
     ]
-    merged = distributed.merge(shares, [2, 1])
+    merged = merge(shares, [2, 1])
     np.testing.assert_array_equal(merged.arrays["adv"], [[0, 0, 0], [0, 0, 0], [1, 1, 1]])
     np.testing.assert_array_equal(merged.arrays["grid"], np.arange(4.0))  # not per sample: kept once
     assert merged.tables["rows"] == [{"i": 0}, {"i": 1}, {"i": 2}]
@@ -133,7 +134,7 @@ def test_torchrun_runs_a_whole_split_analyzer_once_on_rank_0(mlp_run, tmp_path):
 
 
 def test_the_attacks_merge_weighs_success_rate_by_correct_samples():
-    from xdl.analyzers import load_analyzer
+    from xdl.analysis import load_analyzer
 
     fgsm = load_analyzer("attack", "fgsm")
     # Share 1: 4 samples, all correct, 1 flipped; share 2: 4 samples, 1 correct, flipped.
@@ -151,4 +152,4 @@ def test_the_attacks_merge_weighs_success_rate_by_correct_samples():
     assert merged.metrics["success_rate"] == pytest.approx(2 / 5)  # 2 of the 5 correct samples flipped
     assert merged.metrics["clean_accuracy"] == pytest.approx(5 / 8)
     assert merged.metrics["robust_accuracy"] == pytest.approx(3 / 8)
-    assert distributed.merge(shares, [4, 4]).metrics["success_rate"] == pytest.approx(0.625)  # the generic mean is not
+    assert merge(shares, [4, 4]).metrics["success_rate"] == pytest.approx(0.625)  # the generic mean is not

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import xdl
-from xdl.analyzers import Context
-from xdl.inference import fast_model
+from xdl.analysis import Context
+from xdl.models.inference import fast_model
 from xdl_plugins.shap import expected_gradients, reliability_metrics
 
 
@@ -121,7 +121,7 @@ def test_fast_model_folds_a_batchnorm_only_where_it_alone_reads_the_convolution(
 def test_fast_model_folds_a_hugging_face_resnet():
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from xdl.imported import Imported
+    from xdl.models.imported import Imported
 
     torch.manual_seed(0)
     net = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],

@@ -15,7 +15,7 @@ from torch import nn
 
 import xdl
 from xdl.errors import XdlError
-from xdl.imported import Imported, class_scores
+from xdl.models.imported import Imported, class_scores
 
 transformers = pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

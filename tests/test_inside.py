@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import xdl
-from xdl.analyzers.base import hook_count
-from xdl.compute import count_flops
+from xdl.models.inference import hook_count
+from xdl.training.compute import count_flops
 from xdl.errors import XdlError
 
 

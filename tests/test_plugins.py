@@ -18,8 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from xdl.analyzers import Analyzer, discover, load_analyzer
-from xdl.analyzers.registry import DISABLE_AUTOLOAD
+from xdl.analysis import Analyzer, discover, load_analyzer
+from xdl.analysis.registry import DISABLE_AUTOLOAD
 from xdl.cli.main import cli
 from xdl.errors import XdlError
 from xdl.testing import check_analyzer
@@ -63,7 +63,7 @@ def test_discovery_reads_metadata_only(third_party):
 
 def test_listing_imports_no_analyzer():
     code = (
-        "import sys\nfrom xdl.analyzers.registry import discover\nfound = discover()\n"
+        "import sys\nfrom xdl.analysis.registry import discover\nfound = discover()\n"
         "print(len(found), sorted(m for m in sys.modules if m.startswith('xdl_plugins.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)

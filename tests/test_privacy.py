@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import xdl
-from xdl.privacy import attack_metrics, auc_interval, half_assignment, lira_offline
+from xdl.methods.privacy import attack_metrics, auc_interval, half_assignment, lira_offline
 
 
 def test_loss_threshold_auc_is_sklearns_on_the_same_losses(digits_run):
@@ -105,7 +105,7 @@ def test_lira_finds_the_members_of_an_overfit_run_and_reuses_its_reference_model
     np.testing.assert_array_equal(again.arrays["score_lira"], first.arrays["score_lira"])
     assert sorted(cache.glob("*.safetensors")) == files  # the cache outlives the result it served (--force)
 
-    from xdl.analyzers import load_analyzer
+    from xdl.analysis import load_analyzer
 
     (line,) = load_analyzer("report", "privacy").findings(again)
     assert line.value == f"{lira['tpr_at_fpr']['0.01']['tpr']:.1%}"
@@ -128,7 +128,7 @@ def test_a_tampered_reference_model_is_retrained(overfit_run):
 def test_dp_training_spends_at_most_its_budget_and_records_it(tmp_path, capsys):
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from xdl.analyzers import load_analyzer
+    from xdl.analysis import load_analyzer
     from xdl.cli.main import main
 
     run = xdl.train("digits", "mlp", tmp_path / "dp", epochs=2, batch_size=64, dp_epsilon=2.0, device="cpu",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import xdl
-from xdl import provenance
+from xdl.runs import provenance
 from xdl.data import load_data
 from tests.conftest import write_tabular_csv
 

@@ -12,9 +12,9 @@ import torch
 
 import xdl
 from xdl.data.types import DataSplits, Split
-from xdl.quality import duplicates as dup
-from xdl.quality import labels as cl
-from xdl.quality import ood
+from xdl.methods.quality import duplicates as dup
+from xdl.methods.quality import labels as cl
+from xdl.methods.quality import ood
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_confident_learning_by_hand():
 
 
 def test_labels_report_names_samples_and_caches(digits_run, monkeypatch):
-    import xdl.training
+    import xdl.training.loop
 
     first = xdl.report(digits_run, "labels", params={"folds": 2, "epochs": 1}, save=False)
     assert (digits_run.path / "cache" / "labels-oof" / f"{first.metrics['oof_cache']}.npz").is_file()
@@ -78,7 +78,7 @@ def test_labels_report_names_samples_and_caches(digits_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the out-of-fold probabilities are cached")
 
-    monkeypatch.setattr(xdl.training, "fit", no_training)
+    monkeypatch.setattr(xdl.training.loop, "fit", no_training)
     again = xdl.report(digits_run, "labels", params={"folds": 2, "epochs": 1}, save=False)
     assert np.array_equal(first.arrays["probs"], again.arrays["probs"])
     train = digits_run.data.train
@@ -213,7 +213,7 @@ def test_ood_report(digits_run, tmp_path):
 
 
 def test_findings_one_each(digits_run):
-    from xdl.analyzers import load_analyzer
+    from xdl.analysis import load_analyzer
 
     for method, params in (("duplicates", {}), ("ood", {}), ("labels", {"folds": 2, "epochs": 1})):
         result = xdl.report(digits_run, method, params=params, save=False)

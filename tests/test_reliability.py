@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import xdl
-from xdl import checkpoint
+from xdl.runs import checkpoint
 from xdl.errors import XdlError
-from xdl.models import load_user_weights
-from xdl.run import Run
-from xdl.training import TrainingDiverged
+from xdl.models.builders import load_user_weights
+from xdl.runs.run import Run
+from xdl.training.loop import TrainingDiverged
 
 # Small enough for ~1 s of training, long enough (many epochs) for a kill to land mid-run.
 TINY = ["--data", "digits", "--limit", "300", "--model", "mlp", "--hidden", "16", "--batch-size", "32", "-q"]
@@ -138,7 +138,7 @@ FORK_SERVER = r"""
 import json, os, sys
 import torch
 torch.set_num_threads(1)  # one thread: no thread pool exists to break in the forked children
-import xdl.api, xdl.checkpoint, xdl.cli.main, xdl.cli.train, xdl.data
+import xdl.api, xdl.runs.checkpoint, xdl.cli.main, xdl.cli.train, xdl.data
 # The lazy imports a training run makes (sklearn's splitter; torch._dynamo, which the first
 # optimizer pulls in), paid once here instead of in every child.
 xdl.data.load_data("digits", limit=10)

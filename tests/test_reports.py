@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import xdl
-from xdl.analyzers import Context, analyze, load_analyzer
+from xdl.analysis import Context, analyze, load_analyzer
 from xdl.data import load_data
 from xdl.data.types import DataSplits, Split
 from xdl.errors import XdlError
@@ -222,7 +222,7 @@ def curves_run(digits_run, folder, history: dict[str, list[float]]):
     """A copy of a run with the given learning curves and a small final train − validation gap."""
     import json
 
-    from xdl.run import write_history
+    from xdl.runs.run import write_history
 
     shutil.copytree(digits_run.path, folder, ignore=shutil.ignore_patterns("explain", "attack", "report"))
     rows = [dict(epoch=i + 1, **{k: v[i] for k, v in history.items()}) for i in range(len(history["val_loss"]))]
@@ -253,7 +253,7 @@ def test_overfit_sees_a_short_run_still_improving(digits_run, tmp_path):
 
 
 def test_training_logs_a_clean_pass_over_a_fixed_training_subset(digits_run):
-    from xdl.training import PROBE_MIN, evaluate
+    from xdl.training.loop import PROBE_MIN, evaluate
 
     n = len(digits_run.data.train)
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(digits_run.seed))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import xdl
-from xdl.analyzers import hook_count
+from xdl.analysis import hook_count
 from xdl.cli.main import main
 from xdl.device import seed_everything
 from xdl.errors import XdlError

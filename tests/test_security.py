@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import xdl
-from xdl.analyzers import Result
+from xdl.analysis import Result
 from xdl.errors import XdlError
-from xdl.run import Run
+from xdl.runs.run import Run
 
 from test_cli_matrix import run_cli
 
@@ -48,7 +48,7 @@ Path({marker!r}).write_text("imported")  # the side effect an attacker wants: an
 
 
 def build(in_shape, num_classes):
-    from xdl.models import build_model
+    from xdl.models.builders import build_model
     return build_model({config!r}, in_shape, num_classes)
 '''
 
@@ -319,7 +319,7 @@ def test_read_only_run_fails_before_the_work(digits_run, tmp_path, monkeypatch):
                 xdl.explain(run, "saliency", samples=2)
         finally:
             run.path.chmod(0o755)
-    monkeypatch.setattr("xdl.run.os.access", lambda path, mode: False)  # root writes anywhere: pretend
+    monkeypatch.setattr("xdl.runs.run.os.access", lambda path, mode: False)  # root writes anywhere: pretend
     with pytest.raises(XdlError, match="read-only"):
         xdl.explain(run, "saliency", samples=2)
     with pytest.raises(XdlError, match="read-only"):

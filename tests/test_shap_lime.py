@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import xdl
-from xdl.analyzers import Context
+from xdl.analysis import Context
 from xdl.errors import XdlError
 
 
@@ -110,7 +110,7 @@ def test_deep_shap_rewrites_inplace_activations():
 
 
 def test_shap_draws_chunked_to_the_activation_cap_give_the_same_values(digits_run, monkeypatch):
-    from xdl.analyzers.base import Context
+    from xdl.analysis.base import Context
 
     params = {"background": 20}
     whole = xdl.explain(digits_run, "shap", samples=3, seed=4, params=params, save=False)

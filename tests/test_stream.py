@@ -19,7 +19,7 @@ from torch import nn
 from PIL import Image
 
 import xdl
-from xdl.analysis import analyze
+from xdl.analysis.runner import analyze
 from xdl.data import load_data
 from xdl.data.stream import LazyImages, batches
 from xdl.errors import XdlError
@@ -155,7 +155,7 @@ def test_a_streamed_run_is_checked_by_its_files_and_loads_without_decoding(folde
     import collections
     import shutil
 
-    from xdl import provenance
+    from xdl.runs import provenance
     from xdl.data.stream import ImageFiles
 
     memory = load_data(str(folder), input_size=12)
@@ -207,7 +207,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import copy, json, resource, sys
     import torch
     from torch import nn
-    from xdl.analyzers import Context, analyze, load_analyzer
+    from xdl.analysis import Context, analyze, load_analyzer
     from xdl.data import load_data
 
     torch.set_num_threads(2)
@@ -250,16 +250,16 @@ def test_peak_memory_of_a_streamed_split_is_bounded_by_the_batch(tmp_path):
 
 def test_model_calls_are_capped_by_the_activations_they_keep(monkeypatch):
     import xdl
-    import xdl.inference
-    from xdl.analyzers import Context
+    import xdl.models.inference
+    from xdl.analysis import Context
 
     # Linear → ReLU → Linear keeps, per input row, its input (100 floats) and the ReLU's
     # output (30), which the second layer reads: 520 bytes; the weights cancel out.
     model = nn.Sequential(nn.Linear(100, 30), nn.ReLU(), nn.Linear(30, 3)).eval()
     x = torch.rand(10, 100)
-    assert xdl.inference.row_bytes(model, x[:1]) == 4 * (100 + 30)
+    assert xdl.models.inference.row_bytes(model, x[:1]) == 4 * (100 + 30)
     expected = xdl.explain(model, "ig", x=x, target=1).arrays["attributions"]
-    monkeypatch.setattr(xdl.inference, "ACTIVATION_BUDGET", 3 * 520)
+    monkeypatch.setattr(xdl.models.inference, "ACTIVATION_BUDGET", 3 * 520)
     ctx = Context(model=model, x=x, batch_size=256)
     assert ctx.rows() == 3
     assert [s.stop - s.start for s in ctx.batches()] == [3, 3, 3, 1]

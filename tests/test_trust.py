@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import xdl
-from xdl.evaluation import (
+from xdl.analysis.evaluation import (
     cascading_randomization, faithfulness, map_similarity, parameterized_layers, passes_sanity, randomized_copies,
     spearman,
 )
@@ -182,7 +182,7 @@ def test_cli_explain_ig_evaluate_writes_the_metrics(digits_run, tmp_path, capsys
 
 
 def test_cli_report_trust_ranks_the_methods(digits_run, tmp_path, capsys):
-    from xdl.analyzers.base import Result
+    from xdl.analysis.base import Result
 
     run = copy_run(digits_run, tmp_path / "run")
     code, out, err = cli(["report", str(run), "--method", "trust", "-n", "4", "-p", "methods=saliency,ig",
@@ -198,8 +198,8 @@ def test_cli_report_trust_ranks_the_methods(digits_run, tmp_path, capsys):
     # that model and compare captum's saliency maps of both nets on the same samples.
     from captum.attr import Saliency
 
-    from xdl.analyzers.base import Context
-    from xdl.evaluation import map_similarity
+    from xdl.analysis.base import Context
+    from xdl.analysis.evaluation import map_similarity
     from xdl_plugins.trust import permuted_label_model
 
     again = xdl.load(run)
@@ -213,7 +213,7 @@ def test_cli_report_trust_ranks_the_methods(digits_run, tmp_path, capsys):
     assert (folder / "ranking.csv").is_file() and (folder / "agreement.png").is_file()
     assert out.startswith(f"{ranking[0]['method']} is ") or out.startswith("no method passes")
     # The audit's summary names the method to trust, from the saved result.
-    from xdl.auditing import Section, findings
+    from xdl.auditing.audit import Section, findings
 
     found = [f for f in findings(digits_run, [Section("report", "trust", "reused", Result.load(folder))])
              if f.source == "report/trust"]

@@ -83,7 +83,7 @@ def read_json(path: str | Path) -> Any:
         raise XdlError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-# Marks a result folder that held only a cache as claimed by one analysis (xdl.run, Result.save).
+# Marks a result folder that held only a cache as claimed by one analysis (xdl.runs.run, Result.save).
 CLAIM = ".claimed"
 
 # RFC 4180's line end; with it the csv module also quotes a cell holding a bare "\r",

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Finding, Result, analyze, hook_count
+from xdl.analysis.base import Analyzer, Context, Finding, Result, analyze
+from xdl.models.inference import hook_count
 from xdl.data.types import DataSplits
-from xdl.run import Run
+from xdl.runs.run import Run
 
 # Rows of the tiny image data (sklearn's 8×8 digits) and of the tiny table: enough for a
 # few epochs to learn something, few enough to train in a fraction of a second.
@@ -87,9 +88,9 @@ def tiny_run(kind: str = "image", seed: int = 0) -> Run:
     calls: analyze copies of ``run.model`` (as :func:`tiny_context` does), not the model itself.
     """
     from xdl.api import final_metrics
-    from xdl.models import build_model, model_config, set_normalization
-    from xdl.run import save_run
-    from xdl.training import TrainConfig, config_dict, fit
+    from xdl.models.builders import build_model, model_config, set_normalization
+    from xdl.runs.run import save_run
+    from xdl.training.loop import TrainConfig, config_dict, fit
 
     data = tiny_data(kind)
     # BatchNorm and dropout make train and eval mode differ, which the contract checks.

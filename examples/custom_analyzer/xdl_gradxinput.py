@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xdl.analyzers import Analyzer, Context, Result
+from xdl.analysis import Analyzer, Context, Result
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """FGSM and PGD over a whole split, at one eps or a sweep of them.
 
-The perturbation itself is :mod:`xdl.robust` (the same code adversarial training uses);
+The perturbation itself is :mod:`xdl.methods.robust` (the same code adversarial training uses);
 this module runs it batch by batch on the model's device and measures what it did.
 
     >>> xdl.attack(run, "fgsm", params={"eps": 0.1}).metrics["robust_accuracy"]   # doctest: +SKIP
@@ -19,8 +19,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from xdl import robust
-from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number
+from xdl.methods import robust
+from xdl.analysis.base import Analyzer, Context, Finding, Result, is_number
 from xdl.data.stream import is_streamed
 from xdl.errors import XdlError
 from xdl.limits import at_most
@@ -28,6 +28,7 @@ from xdl.limits import at_most
 GRID_SAMPLES = 8
 ROW_KEYS = ("eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "mean_confidence_drop")  # _measure's
 KEEP_STREAMED = 32  # adversarial images kept (saved, drawn) for a streamed split: memory stays bounded
+AUDIT_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3)  # FGSM's eps sweep in xdl audit (Fgsm.audit_params)
 
 
 @dataclass
@@ -159,8 +160,8 @@ class _Attack(Analyzer):
         correct samples, so each share weighs by its correct count, not by its sample count."""
         import dataclasses
 
-        from xdl.analyzers.base import parse_params
-        from xdl.distributed import merge as concatenate
+        from xdl.analysis.base import parse_params
+        from xdl.analysis.base import merge as concatenate
 
         merged = concatenate(parts, sizes)  # per-sample arrays, in sample order
         correct = [int((p.arrays["clean_predictions"] == p.arrays["labels"]).sum()) for p in parts]
@@ -226,6 +227,12 @@ class Fgsm(_Attack):
         "accuracy at a small eps means invisible changes flip predictions."
     )
 
+    @classmethod
+    def audit_params(cls, data_kind: str, eps: float) -> dict[str, str]:
+        # On images the audit sweeps FGSM, in pixel units of [0, 1]: from no attack (the clean
+        # accuracy, for reference) to 0.3, where small digit models are usually broken.
+        return {"eps": ",".join(map(str, AUDIT_SWEEP))} if data_kind == "image" else {}
+
     def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
         return robust.fgsm(ctx.model, x, y, eps, input_range=ctx.input_range, mask=mask, first_grad=first_grad)
 
@@ -240,6 +247,11 @@ class Pgd(_Attack):
     """Projected Gradient Descent (Madry et al. 2018): steps of ascent, projected to the eps-ball."""
 
     Params: ClassVar[type] = PgdParams
+    headline: ClassVar[int] = 1  # the audit's headline when AutoAttack is not run (--audit-attack pgd)
+
+    @classmethod
+    def audit_params(cls, data_kind: str, eps: float) -> dict[str, str]:
+        return {"eps": str(eps)}
     description: ClassVar[str] = "PGD: iterated projected gradient steps in the L∞ or L2 eps-ball"
     guide: ClassVar[str] = (
         "Accuracy under many small gradient steps kept within eps of the input (Madry et al. 2018): the standard "

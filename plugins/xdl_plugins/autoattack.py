@@ -1,7 +1,7 @@
 """APGD, Square and AutoAttack over a whole split (Croce & Hein 2020), with gradient-masking checks.
 
-The attacks themselves are :mod:`xdl.autoattack` (batched tensor code); the checks are
-:mod:`xdl.masking`. Like FGSM and PGD, eps is in the input's natural range and may be a
+The attacks themselves are :mod:`xdl.methods.autoattack` (batched tensor code); the checks are
+:mod:`xdl.methods.masking`. Like FGSM and PGD, eps is in the input's natural range and may be a
 sweep; the last eps is the headline, and the one the checks run at.
 
     >>> xdl.attack(run, "autoattack", params={"eps": 0.3}).metrics["robust_accuracy"]   # doctest: +SKIP
@@ -15,8 +15,12 @@ from typing import ClassVar, Literal
 
 import torch
 
-from xdl import autoattack, masking, robust
-from xdl.analyzers.base import Context, Finding, Result
+from xdl.methods import autoattack
+
+from xdl.methods import masking
+
+from xdl.methods import robust
+from xdl.analysis.base import Context, Finding, Result
 from xdl.errors import XdlError
 from xdl_plugins.attacks import FgsmParams, _Attack
 
@@ -28,6 +32,11 @@ MAX_RESTARTS = 100
 def _bounded(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+# The audit's AutoAttack budget (APGD steps, APGD-T targets, Square queries) keeps the digits
+# audit under 2 minutes on a CPU; `xdl attack` runs the full one.
+AUDIT_BUDGET = {"steps": "25", "targets": "3", "queries": "300"}
 
 
 @dataclass
@@ -128,6 +137,12 @@ class AutoAttack(_Attack):
     """AutoAttack: APGD-CE, targeted APGD-DLR, Square in sequence; a sample is robust only if all fail."""
 
     Params: ClassVar[type] = AutoAttackParams
+    includes: ClassVar[tuple[str, ...]] = ("apgd", "square")
+    headline: ClassVar[int] = 2  # the audit's default headline attack
+
+    @classmethod
+    def audit_params(cls, data_kind: str, eps: float) -> dict[str, str]:
+        return {"eps": str(eps), **AUDIT_BUDGET}
 
     @classmethod
     def steps(cls, params) -> float:

@@ -21,8 +21,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from xdl.analyzers import Analyzer, Context, Result
-from xdl.analyzers.base import Finding, is_number
+from xdl.analysis import Analyzer, Context, Result
+from xdl.analysis.base import Finding, is_number
 from xdl.errors import XdlError
 from xdl.limits import at_most
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xdl.analyzers import Analyzer, Context, Result
-from xdl.analyzers.base import Finding, is_number
+from xdl.analysis import Analyzer, Context, Result
+from xdl.analysis.base import Finding, is_number
 from xdl.errors import XdlError
 from xdl.limits import at_most
 

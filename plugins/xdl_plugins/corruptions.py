@@ -1,6 +1,6 @@
 """Accuracy under common corruptions: noise, blur, weather-like, digital and geometric, 5 severities.
 
-The corruptions are :mod:`xdl.corruptions` (batched tensor code after CIFAR-10-C and
+The corruptions are :mod:`xdl.methods.corruptions` (batched tensor code after CIFAR-10-C and
 MNIST-C). The result is accuracy per type × severity (table and heat map) and the mean
 corruption accuracy over all of them, the headline of Hendrycks & Dietterich 2019.
 
@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from xdl import corruptions
-from xdl.analyzers.base import Analyzer, Context, Finding, Result
+from xdl.methods import corruptions
+from xdl.analysis.base import Analyzer, Context, Finding, Result
 
 
 @dataclass

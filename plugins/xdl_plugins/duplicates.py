@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xdl.analyzers import Analyzer, Context, Finding, Result
+from xdl.analysis import Analyzer, Context, Finding, Result
 from xdl.errors import XdlError
-from xdl.quality import duplicates as dup
-from xdl.quality.features import logits_and_features
+from xdl.methods.quality import duplicates as dup
+from xdl.methods.quality.features import logits_and_features
 
 SPLITS = ("train", "val", "test")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Result
+from xdl.analysis.base import Analyzer, Context, Result
 from xdl.errors import XdlError
 from xdl.limits import at_most
 

@@ -19,9 +19,10 @@ from typing import Literal
 
 import numpy as np
 
-from xdl.analyzers import Analyzer, Context, Finding, Result
+from xdl.analysis import Analyzer, Context, Finding, Result
 from xdl.errors import XdlError
-from xdl.quality import labels as cl
+from xdl.training.loop import retrain
+from xdl.methods.quality import labels as cl
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Labels(Analyzer):
         if ctx.run is None or ctx.data is None:
             raise XdlError("the labels report needs a run directory: it retrains the run's model on folds of its data")
         split = ctx.data.split(params.split)
-        probs, cache = cl.out_of_fold(ctx.run, ctx.data, split, params.folds, params.epochs, ctx.seed, ctx.device,
+        probs, cache = cl.out_of_fold(ctx.run, ctx.data, split, params.folds, params.epochs, ctx.seed, ctx.device, retrain,
                                       ctx.progress)
         given = split.y.numpy()
         joint = cl.confident_joint(given, probs)

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
+from xdl.analysis.base import Analyzer, Context, Result, figures_wanted
 from xdl.limits import at_most
 from xdl_plugins.shap import POINTS_PER_BATCH, require_classifier
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xdl.analyzers import Analyzer, Context, Finding, Result
+from xdl.analysis import Analyzer, Context, Finding, Result
 from xdl.errors import XdlError
-from xdl.quality import ood
-from xdl.quality.features import logits_and_features
+from xdl.methods.quality import ood
+from xdl.methods.quality.features import logits_and_features
 
 SCORES = {"msp": "maximum softmax probability", "energy": "energy", "mahalanobis": "Mahalanobis"}
 

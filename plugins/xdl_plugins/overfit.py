@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xdl.analyzers import Analyzer, Context, Result
-from xdl.analyzers.base import Finding, is_number
+from xdl.analysis import Analyzer, Context, Result
+from xdl.analysis.base import Finding, is_number
 from xdl.errors import XdlError
 
 

@@ -9,7 +9,7 @@ with a warning. Three threshold attacks on the model alone (Yeom et al. 2018: lo
 confidence, entropy) and offline LiRA (Carlini et al. 2022) with ``shadows`` reference
 models trained with the run's own config (DP-SGD too, for a DP run) on random halves of a
 population of those outside records, held-out rows first; the algorithms live in
-:mod:`xdl.privacy`. Reference models are cached in ``RUN/report/privacy/shadows/`` and reused.
+:mod:`xdl.methods.privacy`. Reference models are cached in ``RUN/report/privacy/shadows/`` and reused.
 
 >>> result = xdl.report(run, "privacy", params={"shadows": 8})      # doctest: +SKIP
 >>> result.metrics["attacks"]["lira"]["tpr_at_fpr"]["0.01"]["tpr"]   # doctest: +SKIP
@@ -24,10 +24,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xdl.analyzers import Analyzer, Context, Finding, Result
+from xdl.analysis import Analyzer, Context, Finding, Result
 from xdl.data.types import DataSplits, Split
 from xdl.errors import XdlError
-from xdl.privacy import attack_metrics, lira_offline, reference_models, roc_points, signals, threshold_scores
+from xdl.training.loop import retrain
+from xdl.methods.privacy import attack_metrics, lira_offline, reference_models, roc_points, signals, threshold_scores
 
 CACHE = ("report", "privacy", "shadows")
 
@@ -108,7 +109,7 @@ class Privacy(Analyzer):
             population_id = hashlib.sha256(pool.source_index[chosen].tobytes() + chosen.tobytes()).hexdigest()[:16]
             models, keep, records = reference_models(
                 ctx.run.info, data, pool.subset(chosen), f"outside:{len(pool)}:{population_id}",
-                params.shadows, params.seed, cache, ctx.device, bar.update if bar else None,
+                params.shadows, params.seed, cache, ctx.device, retrain, bar.update if bar else None,
             )
             if bar:
                 bar.close()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
+from xdl.analysis.base import Analyzer, Context, Result, figures_wanted
 from xdl.errors import XdlError
 from xdl.limits import at_most, require_memory
 

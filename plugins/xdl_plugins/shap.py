@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xdl.analyzers.base import Analyzer, Context, Result, figures_wanted
+from xdl.analysis.base import Analyzer, Context, Result, figures_wanted
 from xdl.errors import XdlError
 from xdl.limits import at_most
 

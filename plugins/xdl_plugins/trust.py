@@ -1,7 +1,7 @@
 """Which explanation can be trusted for this model? Several explain methods on the same samples, ranked.
 
 Each method (default: saliency, IG, SHAP, LIME, with their own defaults) explains the
-same samples for the same target classes; :mod:`xdl.evaluation` then measures how
+same samples for the same target classes; :mod:`xdl.analysis.evaluation` then measures how
 faithful each map is (deletion/insertion against random order), whether it survives the
 cascading randomization of the model (Adebayo et al., 2018), and how far the methods
 agree (Spearman rank correlation of |attribution|, sample by sample).
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from xdl.analyzers.base import Analyzer, Context, Finding, Result, is_number, parse_params
-from xdl.analyzers.registry import load_analyzer
+from xdl.analysis.base import Analyzer, Context, Finding, Result, is_number, parse_params
+from xdl.analysis.registry import load_analyzer
 from xdl.errors import XdlError
 from xdl.limits import at_most
-from xdl.evaluation import (
+from xdl.analysis.evaluation import (
     RANDOM_ORDERS, SANITY_THRESHOLD, STEPS, cascading_randomization, evaluation_figure, explainer, faithfulness, fill_value,
     map_similarity, mean_or_none, passes_sanity, spearman,
 )
@@ -158,15 +158,15 @@ def permuted_label_model(ctx: Context, when: str, result: Result) -> nn.Module |
     import dataclasses
 
     from xdl.device import seed_everything
-    from xdl.models import build_model, set_normalization
-    from xdl.training import TrainConfig, fit
+    from xdl.models.builders import build_model, set_normalization
+    from xdl.training.loop import TrainConfig, fit
 
     if when == "off":
         return None
     if ctx.run is None or ctx.data is None:
         result.warnings.append("label randomization skipped: it retrains the run's model, and a bare model has no run")
         return None
-    from xdl.imported import is_imported
+    from xdl.models.imported import is_imported
 
     if is_imported(ctx.run):
         result.warnings.append("label randomization skipped: it retrains the model, and xdl does not know how an "

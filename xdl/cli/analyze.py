@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import click
 
+from xdl.analysis.registry import DEFAULT_METHOD
 from xdl.cli.options import csv_indices, seed_type, trust_code_param
 
-DEFAULT_METHOD = {"explain": "saliency", "attack": "fgsm", "report": "bias"}
 # Kind-specific flags that are shortcuts for --param NAME=VALUE.
 SHORTCUTS = {
     "attack": [click.Option(["--eps"], help="perturbation size in the input's natural range; a comma list sweeps")],
@@ -41,7 +41,7 @@ class MethodHelp(click.Command):
     """Fills the --method help from the registry only when help is shown."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from xdl.analyzers.registry import discover
+        from xdl.analysis.registry import discover
 
         methods = ", ".join(p.name for p in discover(self.name))
         for param in self.params:
@@ -55,7 +55,7 @@ def make_command(kind: str) -> click.Command:
                 trust_code, reencode, no_figures, evaluate=False, data=None, **shortcuts):
         import contextlib
 
-        from xdl.analyzers.base import without_figures
+        from xdl.analysis.base import without_figures
         from xdl.api import analyze
 
         params = list(param)

@@ -15,8 +15,9 @@ from xdl.cli.options import csv_strs, trust_code_option
 @click.option("--recompute", is_flag=True, help="recompute results already saved in RUN instead of reusing them")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="PGD's eps, at which the summary quotes robust accuracy (input units; images are in [0, 1])")
-@click.option("--audit-attack", type=click.Choice(["autoattack", "pgd"]), default="autoattack", show_default=True,
-              help="the headline attack: AutoAttack (APGD-CE, APGD-T, Square, with gradient-masking checks) or PGD alone")
+@click.option("--audit-attack", metavar="ATTACK",
+              help="the headline attack, one whose analyzer can head the audit: autoattack (the default: APGD-CE, "
+                   "APGD-T, Square, with gradient-masking checks) or pgd alone")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--reencode", is_flag=True,
               help="audit even though the data file changed since training, encoded with the run's saved encoding")

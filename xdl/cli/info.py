@@ -12,8 +12,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print run.json as it is")
 def command(run: str, as_json: bool) -> None:
     """Print a run's model, data, training configuration, final metrics and compute card."""
-    from xdl.compute import format_card
-    from xdl.run import Run
+    from xdl.training.compute import format_card
+    from xdl.runs.run import Run
 
     r = Run(run)
     if as_json:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdl.data import random_splits
+from xdl.data.sampling import random_splits
 from xdl.data.types import DataSplits
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xdl.data import random_splits
+from xdl.data.sampling import random_splits
 from xdl.data.types import ColumnEncoding, DataSplits, Encoding, Split
 from xdl.errors import XdlError
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xdl.data import random_splits, stream
+from xdl.data import stream
+from xdl.data.sampling import random_splits
 from xdl.data.types import ColumnEncoding, DataSplits, Encoding, Split
 from xdl.errors import XdlError
 
@@ -173,35 +174,8 @@ def _image_files(class_dir: Path) -> list[Path]:
     return found
 
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def _read_image(path: Path, size: tuple[int, int] | None = None, gray: bool | None = None) -> np.ndarray:
-    """uint8 H×W (grayscale) or H×W×3 (colour); ``gray`` forces one, else the file's own decides.
-
-    With ``size`` (H, W) the image is scaled so that it covers H×W and centre-cropped to it
-    (Pillow's ``ImageOps.fit``): the shorter side is kept whole, the longer one trimmed.
-    """
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as image:
-            if size is not None:
-                # JPEG only: decode at the smallest 1/2^k scale still covering ``size`` (much faster).
-                image.draft(None, (size[1], size[0]))
-            image.load()
-            native_gray = image.mode in GRAY_MODES
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                array = np.asarray(image, dtype=np.float64)
-                top = 65535.0 if array.max() > 255 else 255.0
-                image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
-            image = image.convert("L" if (native_gray if gray is None else gray) else "RGB")
-            if size is not None and image.size != (size[1], size[0]):
-                image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.array(image, dtype=np.uint8)  # writable: torch.from_numpy refuses read-only arrays
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, …)
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise XdlError(f"cannot read image {path}: {message}") from None
 
 
 def _image_options(spec: dict) -> tuple[tuple[int, int] | None, bool | None]:
@@ -228,14 +202,14 @@ def _probe(files: list[tuple[Path, int]], size: tuple[int, int] | None, gray: bo
         try:
             with Image.open(path) as image:
                 return (image.height, image.width), image.mode
-        except Exception as exc:  # as in _read_image
+        except Exception as exc:  # as in stream.read_image
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise XdlError(f"cannot read image {path}: {message}") from None
 
     first_size, _ = header(files[0][0])
     if gray is None:
         pick = np.random.default_rng(0).permutation(len(files))[:PROBE] if len(files) > PROBE else range(len(files))
-        gray = all(header(files[i][0])[1] in GRAY_MODES for i in pick)
+        gray = all(header(files[i][0])[1] in stream.GRAY_MODES for i in pick)
     return size or first_size, gray
 
 
@@ -276,7 +250,7 @@ def load_folder(spec: dict) -> DataSplits:
         return _streamed(files, parts, kept, class_names, spec, notes, decoded, probed_gray, given=size is not None)
     arrays: list[np.ndarray] = []
     for path, _ in files:
-        array = _read_image(path, size, gray)
+        array = stream.read_image(path, size, gray)
         if arrays and array.shape[:2] != arrays[0].shape[:2]:
             (h0, w0), (h, w) = arrays[0].shape[:2], array.shape[:2]
             raise XdlError(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdl.data import random_splits
+from xdl.data.sampling import random_splits
 from xdl.data.download import cache_dir, fetch
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError

@@ -13,6 +13,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from xdl.data.types import Split
+from xdl.errors import XdlError
 
 
 def _sizes(n: int, test_size: float | int | None, train_size: float | int | None) -> tuple[int, int]:
@@ -93,3 +97,82 @@ def shuffle_split(
         train.extend(shuffled[:k_train])
         test.extend(shuffled[k_train:k_train + k_test])
     return index[rng.permutation(train)], index[rng.permutation(test)]
+
+
+def random_splits(
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray,
+    spec: dict,
+    groups: dict[str, np.ndarray] | None = None,
+    test: tuple[np.ndarray | torch.Tensor, np.ndarray] | None = None,
+    source: np.ndarray | None = None,
+) -> tuple[Split, Split, Split]:
+    """Seeded, stratified train/val/test split (test only when no official one is given).
+
+    Stratification keeps every class in every split when it can; it falls back to a plain
+    shuffle for classes too small to stratify. ``spec["limit"]`` caps the training split at
+    that many rows, a seeded stratified sample of the full split's, and shrinks a val and a
+    test split made here by the same fraction: every limited split is a subset of the
+    unlimited one, so a test row never becomes a training row as the limit changes (an
+    official test split stays whole). ``source`` is each row's number in its
+    file when ``x`` is already a selection of it; each split keeps these numbers.
+    """
+    groups = groups or {}
+    n = len(y)
+    index = np.arange(n)
+    source = index if source is None else np.asarray(source)
+    # Each split needs rows: test and validation take their fractions (at least one row each),
+    # and training keeps at least two.
+    needed = 2 + 1 + (test is None)
+    if n < needed or (test is None and round(n * spec["test_fraction"]) >= n - 2):
+        raise XdlError(f"the data has {n} rows; xdl needs at least {needed} to split into train, validation and test")
+
+    def cut(idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return shuffle_split(idx, test_size=fraction, seed=seed, stratify=y[idx])
+        except ValueError:
+            pass
+        try:
+            return shuffle_split(idx, test_size=fraction, seed=seed)
+        except ValueError:
+            raise XdlError(f"{n} samples are too few to split into training, validation and test data") from None
+
+    if test is None:
+        rest, test_idx = cut(index, spec["test_fraction"], spec["seed"])
+    else:
+        rest, test_idx = index, None
+    train_idx, val_idx = cut(rest, spec["val_fraction"], spec["seed"] + 1)
+    limit = spec.get("limit")
+    if limit is not None and int(limit) < 1:
+        raise XdlError(f"--limit must be a positive number of rows, not {limit}")
+    if limit and int(limit) < len(train_idx):
+        share = int(limit) / len(train_idx)
+
+        def keep(idx: np.ndarray, count: int, seed: int) -> np.ndarray:
+            if count >= len(idx):
+                return idx
+            try:
+                return shuffle_split(idx, train_size=count, seed=seed, stratify=y[idx])[0]
+            except ValueError:
+                return shuffle_split(idx, train_size=count, seed=seed)[0]
+
+        train_idx = keep(train_idx, int(limit), spec["seed"] + 2)
+        val_idx = keep(val_idx, max(1, round(share * len(val_idx))), spec["seed"] + 3)
+        if test_idx is not None:
+            test_idx = keep(test_idx, max(1, round(share * len(test_idx))), spec["seed"] + 4)
+
+    def take(idx: np.ndarray) -> Split:
+        xs = torch.as_tensor(x[np.sort(idx)] if isinstance(x, np.ndarray) else x[torch.as_tensor(np.sort(idx))])
+        return Split(
+            xs.float(),
+            torch.as_tensor(y[np.sort(idx)], dtype=torch.long),
+            {k: v[np.sort(idx)] for k, v in groups.items()},
+            source[np.sort(idx)],
+        )
+
+    if test is None:
+        test_split = take(test_idx)
+    else:
+        test_split = Split(torch.as_tensor(test[0]).float(), torch.as_tensor(test[1], dtype=torch.long),
+                           source=np.arange(len(test[1])))
+    return take(train_idx), take(val_idx), test_split

@@ -84,8 +84,6 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor | str:
-        from xdl.data.files import _read_image as read_image
-
         try:
             array = read_image(Path(self.paths[i]), self.size, self.gray)
         except XdlError as exc:
@@ -346,3 +344,34 @@ class EpochLoader:
         self.order.batches = [self.x.index[idx.cpu().numpy()] for idx in order]
         for batch in self.loader:
             yield _to_float(batch, self.device)
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def read_image(path: Path, size: tuple[int, int] | None = None, gray: bool | None = None) -> np.ndarray:
+    """uint8 H×W (grayscale) or H×W×3 (colour); ``gray`` forces one, else the file's own decides.
+
+    With ``size`` (H, W) the image is scaled so that it covers H×W and centre-cropped to it
+    (Pillow's ``ImageOps.fit``): the shorter side is kept whole, the longer one trimmed.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            if size is not None:
+                # JPEG only: decode at the smallest 1/2^k scale still covering ``size`` (much faster).
+                image.draft(None, (size[1], size[0]))
+            image.load()
+            native_gray = image.mode in GRAY_MODES
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                array = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if array.max() > 255 else 255.0
+                image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
+            image = image.convert("L" if (native_gray if gray is None else gray) else "RGB")
+            if size is not None and image.size != (size[1], size[0]):
+                image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.array(image, dtype=np.uint8)  # writable: torch.from_numpy refuses read-only arrays
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, …)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise XdlError(f"cannot read image {path}: {message}") from None

@@ -9,6 +9,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from xdl.data.stream import batches, is_streamed
+from xdl.errors import XdlError
+
 Kind = Literal["image", "tabular"]
 
 
@@ -45,14 +48,10 @@ class Split:
 
     @property
     def streamed(self) -> bool:
-        from xdl.data.stream import is_streamed
-
         return is_streamed(self.x)
 
     def iter_batches(self, batch_size: int, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(x, y, index) batches in order: tensor slices, or images decoded in worker processes."""
-        from xdl.data.stream import batches
-
         for s, xb in batches(self.x, batch_size, device):
             yield xb, self.y[s], torch.arange(s.start, s.stop)
 
@@ -153,8 +152,6 @@ class DataSplits:
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
-            from xdl.errors import XdlError
-
             raise XdlError(f"unknown split {name!r}: choose train, val or test")
         return getattr(self, name)
 

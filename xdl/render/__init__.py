@@ -1,4 +1,8 @@
-"""Rendering of audits: one self-contained HTML page from any set of Results."""
+"""Rendering: one self-contained HTML page from any set of Results, sections and run cards.
+
+Imports: the ground modules and xdl.runs (provenance). It knows no analyzer and imports no
+xdl.analysis: a Result draws itself through it in a notebook.
+"""
 
 from xdl.render.html import render_audit
 

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xdl.render.cards import run_cards
+from xdl.render.section import Section
 
 if TYPE_CHECKING:
     from jinja2 import Environment
 
-    from xdl.auditing import Audit
+    from xdl.auditing.audit import Audit
 
 TEMPLATES = Path(__file__).parent / "templates"
 TABLE_ROWS = 12  # rows shown per table; the row count says how many the CSV beside the result holds
@@ -47,8 +48,6 @@ def render_blocks(blocks: list[tuple[str, dict]]) -> str:
 
 def render_result(result: Any) -> str:
     """One Result as the audit page draws its section."""
-    from xdl.auditing import Section
-
     return render_blocks([("section", {"s": Section(result.kind, result.method, "computed", result)})])
 
 
