@@ -31,7 +31,9 @@ import xdl  # noqa: E402
 from mnist_like import write_mnist_like  # noqa: E402
 from xdl.data import load_data  # noqa: E402
 from xdl.models.builders import build_model, model_config, set_normalization  # noqa: E402
-from xdl.training.loop import TrainConfig, evaluate, fit  # noqa: E402
+from xdl.training.config import TrainConfig  # noqa: E402
+from xdl.training.metrics import evaluate  # noqa: E402
+from xdl.training.loop import fit  # noqa: E402
 
 
 def row(workload: str, mine, baseline, target: str, met: bool) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 import xdl
 from xdl.training.coguard import CatastrophicOverfitGuard
-from xdl.training.loop import TrainConfig
+from xdl.training.config import TrainConfig
 
 
 def test_guard_keeps_the_peak_and_stops_on_collapse():

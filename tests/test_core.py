@@ -27,7 +27,7 @@ def test_run_directory_rebuilds_the_model(digits_run):
     assert not again.model.training
     assert len(again.history) == 4
     # The reloaded net on the reloaded splits gives the metrics the trained net gave at training time.
-    from xdl.training.loop import evaluate
+    from xdl.training.metrics import evaluate
 
     for split in ("train", "val", "test"):
         measured = evaluate(again.model, again.data.split(split), torch.device("cpu"))
@@ -38,7 +38,8 @@ def test_run_directory_rebuilds_the_model(digits_run):
 def test_a_saved_run_reloads_as_the_trained_net(tmp_path):
     from xdl.models.builders import set_normalization
     from xdl.runs.run import save_run
-    from xdl.training.loop import TrainConfig, fit
+    from xdl.training.config import TrainConfig
+    from xdl.training.loop import fit
 
     data = xdl.load_data("digits", limit=60)
     cfg = model_config("cnn", "image", channels=[4], hidden=8)
@@ -75,7 +76,8 @@ def test_cnn_fits_every_image_size(shape):
 
 
 def test_augmentations_do_what_they_say():
-    from xdl.training.loop import TrainConfig, augment
+    from xdl.training.config import TrainConfig
+    from xdl.training.steps import augment
 
     torch.manual_seed(0)
     x = torch.rand(64, 3, 16, 16) * 0.5 + 0.25  # away from the clamp at 0 and 1

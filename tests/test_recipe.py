@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import xdl
-from xdl.training.loop import MAX_EPOCHS, MIN_EPOCHS, TrainConfig, epoch_budget
+from xdl.training.config import MAX_EPOCHS, MIN_EPOCHS, TrainConfig, epoch_budget
 
 
 @pytest.mark.parametrize("samples, epochs", [(1_293, 6), (3_600, 2), (8_000, MIN_EPOCHS), (60_000, MIN_EPOCHS), (50, MAX_EPOCHS)])

@@ -28,7 +28,7 @@ from xdl.runs import checkpoint
 from xdl.errors import XdlError
 from xdl.models.builders import load_user_weights
 from xdl.runs.run import Run
-from xdl.training.loop import TrainingDiverged
+from xdl.training.steps import TrainingDiverged
 
 # Small enough for ~1 s of training, long enough (many epochs) for a kill to land mid-run.
 TINY = ["--data", "digits", "--limit", "300", "--model", "mlp", "--hidden", "16", "--batch-size", "32", "-q"]

@@ -253,7 +253,8 @@ def test_overfit_sees_a_short_run_still_improving(digits_run, tmp_path):
 
 
 def test_training_logs_a_clean_pass_over_a_fixed_training_subset(digits_run):
-    from xdl.training.loop import PROBE_MIN, evaluate
+    from xdl.training.loop import PROBE_MIN
+    from xdl.training.metrics import evaluate
 
     n = len(digits_run.data.train)
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(digits_run.seed))

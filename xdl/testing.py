@@ -87,10 +87,11 @@ def tiny_run(kind: str = "image", seed: int = 0) -> Run:
     and a real history.csv and metrics for the reports that read them. Shared between
     calls: analyze copies of ``run.model`` (as :func:`tiny_context` does), not the model itself.
     """
-    from xdl.api import final_metrics
+    from xdl.training.metrics import final_metrics
     from xdl.models.builders import build_model, model_config, set_normalization
     from xdl.runs.run import save_run
-    from xdl.training.loop import TrainConfig, config_dict, fit
+    from xdl.training.config import TrainConfig, config_dict
+    from xdl.training.loop import fit
 
     data = tiny_data(kind)
     # BatchNorm and dropout make train and eval mode differ, which the contract checks.

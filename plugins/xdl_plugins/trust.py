@@ -159,7 +159,8 @@ def permuted_label_model(ctx: Context, when: str, result: Result) -> nn.Module |
 
     from xdl.device import seed_everything
     from xdl.models.builders import build_model, set_normalization
-    from xdl.training.loop import TrainConfig, fit
+    from xdl.training.config import TrainConfig
+    from xdl.training.loop import fit
 
     if when == "off":
         return None

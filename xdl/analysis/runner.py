@@ -10,14 +10,28 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
+from xdl.analysis import validate
+from xdl.analysis.base import Context, analyze as run_analyzer, parse_params
+from xdl.analysis.evaluation import evaluate as evaluate_result
+from xdl.analysis.registry import load_analyzer
 from xdl.analysis.shards import analyze_shards
-from xdl.training import distributed
-
-from xdl.runs import provenance
+from xdl.data import DATASETS, load_data
+from xdl.data.given import live_samples
+from xdl.data.sampling import shuffle_split
+from xdl.data.stream import select
+from xdl.data.types import Split
+from xdl.device import check_seed
 from xdl.errors import XdlError
-from xdl.runs.run import Run
+from xdl.models.imported import as_classifier
+from xdl.models.inference import eval_mode
+from xdl.models.weights import WEIGHTS
+from xdl.runs import provenance
+from xdl.runs.run import Run, check_result_target, save_result
+from xdl.training import distributed
 
 
 def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: int = 0, decode: bool = False) -> tuple:
@@ -27,12 +41,6 @@ def _select(split_x, split_y, groups: dict, samples: int | None, indices, seed: 
     uses them whole: explanations, the trust report) or when they fit in memory; otherwise
     (attacks, reports over a whole split) they stay a view, walked with ``ctx.stream``.
     """
-    import torch
-
-    from xdl.data.stream import select
-
-    from xdl.device import check_seed
-
     index = selection(len(split_x), None if split_y is None else split_y.numpy(), samples, indices, check_seed(seed))
     t = torch.as_tensor(index, dtype=torch.long)
     y = split_y[t] if split_y is not None else None
@@ -46,8 +54,6 @@ def selection(n: int, labels, samples: int | None, indices, seed: int):
     A sample of ``samples`` is class-stratified when labels are known, so that a split stored
     sorted by label (common for CSV files) does not yield samples of one class only.
     """
-    import numpy as np
-
     if indices is not None:
         index = np.asarray(list(indices), dtype=int)
         bad = index[(index < 0) | (index >= n)]
@@ -59,8 +65,6 @@ def selection(n: int, labels, samples: int | None, indices, seed: int):
     if samples is None or samples >= n:
         return np.arange(n)
     if labels is not None:
-        from xdl.data.sampling import shuffle_split
-
         try:
             return shuffle_split(np.arange(n), train_size=samples, seed=seed % 2**32, stratify=labels)[0]
         except ValueError:  # fewer samples than classes, or a class with one member: plain sample
@@ -110,13 +114,6 @@ def analyze(
     see :func:`other_data`.
     ``trust_code=True`` lets a run whose model is a ``package.module:factory`` import it.
     """
-    import torch
-
-    from xdl.analysis import Context, analyze as run_analyzer, load_analyzer, parse_params
-
-    from xdl.analysis import validate
-    from xdl.runs.run import check_result_target, save_result
-
     cls = load_analyzer(kind, method)
     analyzer = cls()
     parsed = parse_params(cls.Params, params)
@@ -128,84 +125,26 @@ def analyze(
     dev = distributed.local_device(device, world)
     if evaluate and (kind != "explain" or world.size > 1):
         raise XdlError("--evaluate applies to xdl explain in one process (it re-explains every sample on altered models)")
-    progress = progress and world.main
-    notes: list[str] = []
+    chores = dict(device=dev, batch_size=batch_size, target=target, progress=progress and world.main)
     if isinstance(source, nn.Module):
-        from xdl.models.imported import as_classifier, live_samples
-
-        splits = None
-        if data is not None:  # a data spec, DataSplits, (x, y) or a torch Dataset/DataLoader
-            x, y, splits = live_samples(data, split)
-            class_names = class_names or (splits.class_names if splits is not None else None)
-        if x is None:
-            raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels) or data=")
-        validate.check_model(source)
-        x = validate.as_samples(x, gray_hw=True)
-        y = None if y is None else validate.as_labels(y, len(x))
-        seed = 0 if seed is None else seed
-        # Any output (tuple, dict, ModelOutput, probabilities) as class scores; N×H×W as images.
-        model, x, notes = as_classifier(source, x)
-        xs, ys, groups, index = _select(x, y, {}, count, indices, seed)
-        from xdl.models.inference import eval_mode
-
-        with torch.no_grad(), eval_mode(model):
-            n_out = model(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
-        validate.check_labels(ys, n_out)
-        ctx = Context(
-            model=model, x=xs, y=ys, kind=splits.kind if splits is not None else "image" if x.dim() == 4 else "tabular",
-            class_names=list(class_names) if class_names is not None else [str(i) for i in range(n_out)],
-            feature_names=splits.feature_names if splits is not None else [],
-            encoding=splits.encoding if splits is not None else None, data=splits, device=dev,
-            seed=seed, batch_size=batch_size, target=target,
-            split=split, indices=index, progress=progress,
-        )
         run = None
-        if splits is None:
-            split = "given"  # the caller's own tensors, not a split of a run
-        fingerprint = (provenance.model_digest(source), provenance.data_digest(x, y))
+        ctx, split, fingerprint, notes = _live_context(source, x, y, data, class_names, count, split, indices, seed, chores)
     else:
-        run = source if isinstance(source, Run) else Run(source, trust_code=trust_code, reencode=reencode)
-        run.trust_code = run.trust_code or trust_code
-        if save and out is None:
-            run.check_writable(kind)  # a read-only run fails now, not after the work
-        data = run.data
-        part = data.split(split)
-        seed = run.seed if seed is None else seed
-        xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, seed,
-                                        decode=kind != "attack" and (count is not None or indices is not None))
-        ctx = Context(
-            model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
-            feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,
-            run=run, device=dev, seed=seed, batch_size=batch_size,
-            target=target, split=split, indices=index, progress=progress,
-        )
-        fingerprint = _fingerprint(run, part)
+        run = _open(source, kind, save and out is None, trust_code, reencode)
+        ctx, fingerprint = _run_context(run, kind, count, split, indices, seed, chores)
+        notes = []
     if other is not None:
         if not getattr(cls, "takes_data", False):
             raise XdlError(f"--data applies to methods that score another input set (ood), not {kind} method {method!r}")
         ctx.other, ctx.other_name = other_data(other, ctx)
-    if world.size > 1 and cls.sharding == "samples":
-        result = analyze_shards(analyzer, ctx, parsed, world)
-    elif world.main:  # a PCA, a report: it needs the whole split, so rank 0 computes it
-        result = run_analyzer(analyzer, ctx, parsed)
-    else:  # and the other ranks wait for it in leave()
-        result = None
-    if evaluate:
-        from xdl.analysis.evaluation import evaluate as evaluate_result
-
-        evaluate_result(analyzer, ctx, parsed, result)
+    result = _compute(analyzer, ctx, parsed, world, evaluate)
     if not world.main:  # rank 0 holds the merged result and writes it
         distributed.leave(world)
         return None
     result.warnings += [n for n in notes if n not in result.warnings]
     if run is not None and run.data_warning:
         result.warnings.append(run.data_warning)
-    result.provenance = provenance.record(
-        split=split, index=index, target=target, seed=seed, params=dataclasses.asdict(parsed),
-        model=fingerprint[0], data=fingerprint[1],
-    )
-    if other is not None:  # a score on another input set depends on that set too
-        result.provenance["other"] = {"name": ctx.other_name, "data": provenance.data_digest(ctx.other.x, ctx.other.y)}
+    result.provenance = _provenance(ctx, split, parsed, fingerprint, other is not None)
     if out is not None:
         save_result(result, out)
     elif run is not None and save:
@@ -214,10 +153,84 @@ def analyze(
     return result
 
 
+def _provenance(ctx: Context, split: str, parsed, fingerprint: tuple[str, str], other: bool) -> dict:
+    """What the result was computed on: split, samples, target, seed, parameters, digests."""
+    recorded = provenance.record(
+        split=split, index=ctx.indices, target=ctx.target, seed=ctx.seed, params=dataclasses.asdict(parsed),
+        model=fingerprint[0], data=fingerprint[1],
+    )
+    if other:  # a score on another input set depends on that set too
+        recorded["other"] = {"name": ctx.other_name, "data": provenance.data_digest(ctx.other.x, ctx.other.y)}
+    return recorded
+
+
+def _open(source: "Run | str | Path", kind: str, writes: bool, trust_code: bool, reencode: bool) -> Run:
+    run = source if isinstance(source, Run) else Run(source, trust_code=trust_code, reencode=reencode)
+    run.trust_code = run.trust_code or trust_code
+    if writes:
+        run.check_writable(kind)  # a read-only run fails now, not after the work
+    return run
+
+
+def _compute(analyzer, ctx: Context, parsed, world: distributed.World, evaluate: bool):
+    """The Result on rank 0 (merged from every rank's share for a "samples" analyzer); None elsewhere."""
+    if world.size > 1 and type(analyzer).sharding == "samples":
+        result = analyze_shards(analyzer, ctx, parsed, world)
+    elif world.main:  # a PCA, a report: it needs the whole split, so rank 0 computes it
+        result = run_analyzer(analyzer, ctx, parsed)
+    else:  # and the other ranks wait for it in leave()
+        result = None
+    if evaluate:
+        evaluate_result(analyzer, ctx, parsed, result)
+    return result
+
+
+def _live_context(source: nn.Module, x, y, data, class_names, count, split: str, indices, seed, chores: dict) -> tuple:
+    """The Context of a bare model: its samples, the split name provenance records, digests, notes."""
+    splits = None
+    if data is not None:  # a data spec, DataSplits, (x, y) or a torch Dataset/DataLoader
+        x, y, splits = live_samples(data, split)
+        class_names = class_names or (splits.class_names if splits is not None else None)
+    if x is None:
+        raise XdlError("analyzing a bare model needs the samples: pass x (and y for labels) or data=")
+    validate.check_model(source)
+    x = validate.as_samples(x, gray_hw=True)
+    y = None if y is None else validate.as_labels(y, len(x))
+    seed = 0 if seed is None else seed
+    # Any output (tuple, dict, ModelOutput, probabilities) as class scores; N×H×W as images.
+    model, x, notes = as_classifier(source, x)
+    xs, ys, groups, index = _select(x, y, {}, count, indices, seed)
+    with torch.no_grad(), eval_mode(model):
+        n_out = model(xs[:1]).shape[-1] if len(xs) else len(class_names or [])
+    validate.check_labels(ys, n_out)
+    ctx = Context(
+        model=model, x=xs, y=ys, kind=splits.kind if splits is not None else "image" if x.dim() == 4 else "tabular",
+        class_names=list(class_names) if class_names is not None else [str(i) for i in range(n_out)],
+        feature_names=splits.feature_names if splits is not None else [],
+        encoding=splits.encoding if splits is not None else None, data=splits,
+        seed=seed, split=split, indices=index, **chores,
+    )
+    recorded = split if splits is not None else "given"  # the caller's own tensors, not a split of a run
+    return ctx, recorded, (provenance.model_digest(source), provenance.data_digest(x, y)), notes
+
+
+def _run_context(run: Run, kind: str, count, split: str, indices, seed, chores: dict) -> tuple[Context, tuple[str, str]]:
+    """The Context over a run's split, and the digests of its weights and that split."""
+    data = run.data
+    part = data.split(split)
+    seed = run.seed if seed is None else seed
+    xs, ys, groups, index = _select(part.x, part.y, part.groups, count, indices, seed,
+                                    decode=kind != "attack" and (count is not None or indices is not None))
+    ctx = Context(
+        model=run.model, x=xs, y=ys, kind=data.kind, class_names=data.class_names,
+        feature_names=data.feature_names, encoding=data.encoding, groups=groups, data=data,
+        run=run, seed=seed, split=split, indices=index, **chores,
+    )
+    return ctx, _fingerprint(run, part)
+
+
 def _fingerprint(run: Run, part) -> tuple[str, str]:
     """Digests of the run's weights file and of one split's tensors."""
-    from xdl.runs.run import WEIGHTS
-
     return provenance.file_digest(run.path / WEIGHTS), provenance.data_digest(part.x, part.y, part.groups)
 
 
@@ -229,8 +242,6 @@ def expected_provenance(
 
     The audit compares it with a saved result's, and reuses that result only when they are equal.
     """
-    from xdl.analysis import load_analyzer, parse_params
-
     cls = load_analyzer(kind, method)
     parsed = parse_params(cls.Params, params)
     part = run.data.split(split)
@@ -245,12 +256,6 @@ def other_data(data, ctx) -> tuple:
     """Another input set as a Split and its name: tensors as given; a dataset name (its test
     split); a folder or .npz (all its samples); for tabular runs, a CSV with the run's columns
     encoded the run's way (the target column may be absent)."""
-    import numpy as np
-    import torch
-
-    from xdl.data import DATASETS, load_data
-    from xdl.data.types import Split
-
     if isinstance(data, Split):
         return data, "the given split"
     if isinstance(data, (torch.Tensor, np.ndarray)):
@@ -260,7 +265,7 @@ def other_data(data, ctx) -> tuple:
     if ctx.kind == "tabular":
         if not name.lower().endswith(".csv"):
             raise XdlError(f"--data for a tabular run must be a CSV file with the run's columns, got {name!r}")
-        from xdl.data.csv import encode_frame, read_csv
+        from xdl.data.csv import encode_frame, read_csv  # pandas: only for a tabular --data, not every analysis
 
         frame = read_csv(name)
         missing = [c.name for c in ctx.encoding.columns if c.name not in frame.columns]

@@ -1,4 +1,4 @@
-"""``xdl import MODEL``: parse flags, call :func:`xdl.models.imported.import_model`, say where the run went."""
+"""``xdl import MODEL``: parse flags, call :func:`xdl.training.importing.import_model`, say where the run went."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def command(model, data, data_dir, target, sensitive, limit, weights, input_size
       package.module:factory   factory(in_shape, num_classes) plus --weights FILE (needs --trust-code)
     """
     from xdl.errors import XdlError
-    from xdl.models.imported import import_model
+    from xdl.training.importing import import_model
 
     if input_size is not None and len(input_size) == 1:
         input_size = input_size * 2
