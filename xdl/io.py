@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from xdl.errors import XdlError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -66,8 +68,6 @@ MAX_JSON_BYTES = 64 << 20
 
 
 def read_json(path: str | Path) -> Any:
-    from xdl.errors import XdlError
-
     path = Path(path)
     try:
         if path.stat().st_size > MAX_JSON_BYTES:

@@ -28,9 +28,15 @@ import torch
 from torch import nn
 
 from xdl.analysis.base import Analyzer, Context, Finding, Result, analyze
-from xdl.models.inference import hook_count
+from xdl.data import DEFAULT_SPEC, load_data, random_splits
+from xdl.data.csv import encode_frame, fit_encoding
 from xdl.data.types import DataSplits
-from xdl.runs.run import Run
+from xdl.models.builders import build_model, model_config, set_normalization
+from xdl.models.inference import hook_count
+from xdl.runs.run import Run, save_run
+from xdl.training.config import TrainConfig, config_dict
+from xdl.training.loop import fit
+from xdl.training.metrics import final_metrics
 
 # Rows of the tiny image data (sklearn's 8×8 digits) and of the tiny table: enough for a
 # few epochs to learn something, few enough to train in a fraction of a second.
@@ -40,8 +46,6 @@ TABULAR_ROWS = 240
 
 @functools.lru_cache(maxsize=None)
 def _image_data() -> DataSplits:
-    from xdl.data import load_data
-
     return load_data("digits", limit=IMAGE_LIMIT)
 
 
@@ -49,9 +53,6 @@ def _image_data() -> DataSplits:
 def _tabular_data() -> DataSplits:
     """An Adult-census-like table: numeric and categorical columns, a sensitive group."""
     import pandas as pd
-
-    from xdl.data import DEFAULT_SPEC, random_splits
-    from xdl.data.csv import encode_frame, fit_encoding
 
     rng = np.random.default_rng(0)
     n = TABULAR_ROWS
@@ -87,12 +88,6 @@ def tiny_run(kind: str = "image", seed: int = 0) -> Run:
     and a real history.csv and metrics for the reports that read them. Shared between
     calls: analyze copies of ``run.model`` (as :func:`tiny_context` does), not the model itself.
     """
-    from xdl.training.metrics import final_metrics
-    from xdl.models.builders import build_model, model_config, set_normalization
-    from xdl.runs.run import save_run
-    from xdl.training.config import TrainConfig, config_dict
-    from xdl.training.loop import fit
-
     data = tiny_data(kind)
     # BatchNorm and dropout make train and eval mode differ, which the contract checks.
     options = {"channels": [4, 8], "hidden": 16} if kind == "image" else {"hidden": [16]}

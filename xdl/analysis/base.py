@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from xdl.data.stream import batches
 from xdl.data.types import DataSplits, Encoding, Split
+from xdl.device import seed_everything
 from xdl.errors import XdlError
-from xdl.models.inference import eval_mode
-from xdl.io import CLAIM, atomic_write, CSV_LINE_END, csv_safe, write_json
+from xdl.io import CLAIM, CSV_LINE_END, atomic_write, csv_safe, read_json, write_json
+from xdl.models.imported import is_imported
+from xdl.models.inference import eval_mode, fast_model, rows_per_pass
 
 # -----------------------------------------------------------------------------------------
 # Params: a dataclass per analyzer; ``--param key=value`` strings are checked against it
@@ -176,8 +179,6 @@ class Context:
         capped where a forward+backward pass over that many would hold more activations than
         :data:`xdl.models.inference.ACTIVATION_BUDGET` (real-size images on a large model)."""
         if self._rows is None:
-            from xdl.models.inference import rows_per_pass
-
             self._rows = rows_per_pass(self.model, self.x[:1].to(self.device)) if len(self.x) else 1
         return self._rows
 
@@ -187,8 +188,6 @@ class Context:
         Rebuilt if the model or its weights change (parameters' in-place version counters)."""
         key = (id(self.model), tuple(p._version for p in self.model.parameters()))
         if self._fast is None or self._fast[0] != key:
-            from xdl.models.inference import fast_model
-
             self._fast = (key, fast_model(self.model, self.x[:2].to(self.device)))
         return self._fast[1]
 
@@ -219,8 +218,6 @@ class Context:
         memory is bounded by the batch size. Explain methods that index ``ctx.x`` directly
         get real tensors either way.
         """
-        from xdl.data.stream import batches
-
         x = self.x if x is None else x
         size = min(batch_size or self.batch_size, self.rows())
         parts = batches(x, size, self.device)
@@ -332,7 +329,7 @@ class Result:
 
     def _repr_html_(self) -> str:
         """Jupyter shows a Result inline as the audit page draws its section."""
-        from xdl.render.html import render_result
+        from xdl.render.html import render_result  # Jinja2 and the templates: only when a notebook draws one
 
         return render_result(self)
 
@@ -413,8 +410,6 @@ class Result:
     @classmethod
     def load(cls, folder: str | Path, arrays: bool = False) -> "Result":
         """Read a saved result; arrays are loaded only when asked (they can be large)."""
-        from xdl.io import read_json
-
         folder = Path(folder)
         info = read_json(folder / "result.json")
         result = cls(
@@ -518,8 +513,6 @@ class Analyzer:
     @classmethod
     def applies(cls, ctx: Context) -> bool:
         if cls.needs_xdl_training:
-            from xdl.models.imported import is_imported
-
             if is_imported(ctx.run):
                 return False
         return ctx.kind in cls.applies_to
@@ -557,8 +550,6 @@ def analyze(analyzer: Analyzer, ctx: Context, params: Any = None) -> Result:
 
     The model goes back to its original device and mode afterwards, also on error.
     """
-    from xdl.device import seed_everything
-
     if not isinstance(params, analyzer.Params):
         params = parse_params(analyzer.Params, params)
     if not analyzer.applies(ctx):

@@ -60,7 +60,7 @@ def names(kind: str) -> list[str]:
 
 def load_analyzer(kind: str, name: str):
     """Import and return the analyzer class registered as ``name`` under ``xdl.<kind>``."""
-    from xdl.analysis.base import Analyzer
+    from xdl.analysis.base import Analyzer  # torch: listing and --help read only the metadata above
 
     if kind not in KINDS:
         raise XdlError(f"unknown analyzer kind {kind!r}: choose one of {', '.join(KINDS)}")

@@ -39,7 +39,16 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, text) for name, (_, text) in COMMANDS.items()])
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# Where each topic is written up; the pages live in the source tree's docs/ folder.
+DOCS = """\b
+Documentation (docs/ beside README.md):
+  training.md  data.md  import.md  audit.md  explanations.md  robustness.md
+  reports.md  privacy.md  data-quality.md  plugins.md  scale.md  security.md
+  python.md  benchmarks.md  architecture.md
+"""
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=DOCS)
 @click.version_option(package_name="xdl", prog_name="xdl")
 def cli() -> None:
     """Explain, attack and audit PyTorch classifiers.

@@ -33,8 +33,10 @@ import torch
 from torch import nn
 
 from xdl.errors import XdlError
+from xdl.models.builders import build_custom, load_user_weights
 from xdl.models.inference import eval_mode
 from xdl.models.weights import WEIGHTS, load_weights
+from xdl.trust import require_trust
 
 FORMATS = ("hf", "keras", "pt2", "factory", "module")
 # ImageNet statistics of torchvision's and timm's pretrained models.
@@ -333,9 +335,6 @@ def read_pt2(path: Path) -> tuple[nn.Module, dict]:
 
 
 def read_factory(target: str, weights: Path | None, in_shape: tuple[int, ...], num_classes: int, trust_code: bool | None) -> nn.Module:
-    from xdl.models.builders import build_custom, load_user_weights
-    from xdl.trust import require_trust
-
     require_trust(f"the model {target!r}", trust_code)
     model = build_custom({"factory": target}, in_shape, num_classes)
     if weights is not None:
@@ -387,8 +386,6 @@ def load_model(run, trust_code: bool | None = None) -> nn.Module:
     if not artifact.exists():
         raise XdlError(f"{run.path} has lost its model: {artifact.name} is missing")
     if fmt == "factory":
-        from xdl.trust import require_trust
-
         require_trust(f"run {run.path} (model factory {cfg.get('factory')!r})", trust_code)
     if fmt != "factory" and info.get("digest") and sha256(artifact) != info["digest"]:
         raise XdlError(f"{artifact} does not match the sha256 recorded in run.json: the model was changed after import")
@@ -396,8 +393,6 @@ def load_model(run, trust_code: bool | None = None) -> nn.Module:
     if fmt in READERS:
         net, _ = READERS[fmt](artifact)
     else:
-        from xdl.models.builders import build_custom
-
         net = build_custom({"factory": cfg["factory"]}, in_shape, cfg["num_classes"])
     norm = cfg.get("normalize") or {}
     wrapped = Imported(net, in_shape, mean=norm.get("mean"), std=norm.get("std"), model_shape=cfg.get("model_shape"),

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from xdl.limits import available_memory
+
 
 class ChannelsLast(nn.Module):
     """Runs the wrapped model on channels-last images; gradients come back in the caller's layout."""
@@ -158,8 +160,6 @@ def rows_per_pass(model: nn.Module, sample: torch.Tensor, budget: int | None = N
     """How many rows like ``sample`` one forward+backward call of ``model`` may take within ``budget``
     bytes of saved activations (default :data:`ACTIVATION_BUDGET`) and a quarter of the memory
     that is free; at least 1."""
-    from xdl.limits import available_memory
-
     budget = ACTIVATION_BUDGET if budget is None else budget
     free = available_memory() if sample.device.type == "cpu" else torch.cuda.mem_get_info(sample.device)[0]
     room = min(budget, free // 4) if free else budget

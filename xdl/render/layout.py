@@ -7,10 +7,13 @@ through Playwright, so it needs the ``playwright`` package but none of its brows
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from xdl.render.html import TEMPLATES
 
 # The bars of the layout, in CSS pixels at a 1280 px wide viewport.
 VIEWPORT = (1280, 900)
@@ -95,10 +98,6 @@ def measure(page: str | Path, screenshot: str | Path | None = None, viewport: tu
 
 def templates_digest() -> str:
     """sha256 over the page templates' names and bytes: changes whenever the page's look can."""
-    import hashlib
-
-    from xdl.render.html import TEMPLATES
-
     digest = hashlib.sha256()
     for path in sorted(TEMPLATES.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -23,6 +23,7 @@ from torch import nn
 
 from xdl.errors import XdlError
 from xdl.io import atomic_path, read_json, write_json
+from xdl.runs.schema import check_run_info
 
 FORMAT_VERSION = 1
 FOLDER = "checkpoint"
@@ -47,8 +48,6 @@ def load_config(folder: Path) -> dict:
     missing = [k for k in ("model", "data", "train") if not isinstance(config.get(k), dict)]
     if missing:
         raise XdlError(f"{folder / CONFIG} lacks the {missing[0]!r} section: the checkpoint is damaged")
-    from xdl.runs.schema import check_run_info
-
     return check_run_info(str(folder / CONFIG), config, built=False)
 
 

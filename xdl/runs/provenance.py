@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xdl import __version__
+from xdl.data.stream import is_streamed
 from xdl.io import _jsonable
 
 INDEX_LIST_MAX = 10_000  # above this, result.json keeps only the indices' digest
@@ -34,8 +36,6 @@ def _update(h: "hashlib._Hash", array: Any, pixels: bool = False) -> None:
     is loaded) where reading each file once fixes them as well. ``pixels`` feeds its decoded
     pixels instead, a batch at a time: how runs saved before ``STREAMED_DIGEST`` digested it.
     """
-    from xdl.data.stream import is_streamed
-
     if is_streamed(array) and not pixels:
         h.update(f"files{tuple(array.shape)}".encode())
         for path in array.paths():
@@ -104,8 +104,6 @@ def splits_digest(data: Any, pixels: bool = False) -> str:
 def record(*, split: str, index: np.ndarray, target: Any, seed: int, params: dict[str, Any], model: str,
            data: str) -> dict[str, Any]:
     """The provenance of a result computed on ``index`` of ``split`` with ``params``."""
-    from xdl import __version__
-
     index = np.asarray(index, dtype=np.int64)
     digest = digest_arrays(index)
     return {

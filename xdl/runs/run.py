@@ -18,16 +18,22 @@ import io
 import os
 import platform
 import shutil
+import sys
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
 from torch import nn
 
+from xdl.data import DATASETS, FORMATS, load_data
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
 from xdl.io import CLAIM, atomic_path, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
+from xdl.models.builders import build_model
+from xdl.models.imported import is_imported, load_model
 from xdl.models.weights import WEIGHTS, check_finite_weights, load_weights, save_weights
+from xdl.runs import checkpoint
+from xdl.runs.provenance import STREAMED_DIGEST, splits_digest
 from xdl.runs.schema import check_run_info
 from xdl.trust import require_trust
 
@@ -112,9 +118,6 @@ class Run:
     @cached_property
     def model(self) -> nn.Module:
         """The trained model on CPU, in eval mode, rebuilt from run.json with no flags."""
-        from xdl.models.imported import is_imported, load_model
-        from xdl.models.builders import build_model
-
         if is_imported(self):  # a model xdl did not train (xdl import)
             return load_model(self, getattr(self, "trust_code", None))
         cfg = self.info["model"]
@@ -132,11 +135,6 @@ class Run:
         then would otherwise be split and encoded afresh without a word; with ``reencode`` it
         is encoded with the saved encoding (where there is one) and a warning instead.
         """
-        import sys
-
-        from xdl.data import DATASETS, FORMATS, load_data
-        from xdl.runs.provenance import splits_digest
-
         spec = self.info["data"]
         if spec["name"] not in DATASETS and spec["name"] not in FORMATS:
             raise XdlError(f"{self.path} was trained on data given in memory ({spec['name']!r}); xdl cannot reload it")
@@ -156,8 +154,6 @@ class Run:
 
     def _legacy_digest(self, data: DataSplits) -> str | None:
         """A streamed folder's digest as runs saved before ``STREAMED_DIGEST`` computed it (its pixels)."""
-        from xdl.runs.provenance import STREAMED_DIGEST, splits_digest
-
         if not data.train.streamed or self.info.get("streamed_digest") == STREAMED_DIGEST:
             return None
         return splits_digest(data, pixels=True)
@@ -263,8 +259,6 @@ def save_run(
     extra: dict | None = None,
 ) -> Run:
     """Write a complete run directory; ``run.json`` goes last so a crash leaves no half-run."""
-    from xdl.runs.provenance import STREAMED_DIGEST, splits_digest
-
     path.mkdir(parents=True, exist_ok=True)
     save_weights(model, path / WEIGHTS)
     write_history(path / "history.csv", history)
@@ -300,8 +294,6 @@ RUN_FILES = ("run.json", WEIGHTS, "history.csv", "audit.html", "audit.json")
 
 def check_train_out(out: Path, force: bool, resume: bool) -> None:
     """Refuse a --out that would lose something: a user's files, a finished run, an unfinished one."""
-    from xdl.runs import checkpoint
-
     if out.exists() and not out.is_dir():
         raise XdlError(f"--out {out} is a file; a run is a directory")
     is_run = (out / "run.json").exists()

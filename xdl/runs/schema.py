@@ -11,7 +11,10 @@ import math
 import re
 from typing import Any
 
+from xdl.data import DATASETS, FORMATS
 from xdl.errors import XdlError
+from xdl.limits import require_memory
+from xdl.models.builders import ACTIVATIONS, BUILDERS
 
 MAX_SIDE = 1 << 20  # pixels per image side, features per row (MAX_INPUT bounds the product)
 MAX_INPUT = 1 << 24  # values per input (a 3×2048×2048 image is ~12.6 M)
@@ -98,8 +101,6 @@ IMPORTED_FORMATS = ("hf", "keras", "pt2", "factory")
 def check_model(where: str, model: Any, built: bool = True) -> dict:
     """``built``: the config carries the input shape and class count (run.json, not a checkpoint's)."""
     model = _dict(where, "model", model)
-    from xdl.models.builders import ACTIVATIONS, BUILDERS
-
     name = _str(where, "model.name", model.get("name"))
     if name not in (*BUILDERS, "imported"):
         _fail(where, "model.name", f"is {name[:80]!r}, not one of {', '.join(BUILDERS)}, imported")
@@ -141,8 +142,6 @@ def check_model(where: str, model: Any, built: bool = True) -> dict:
 
 
 def check_data(where: str, data: Any) -> dict:
-    from xdl.data import DATASETS, FORMATS
-
     data = _dict(where, "data", data)
     name = _str(where, "data.name", data.get("name"))
     # A name, never a path: make_spec would read "../../etc" as a folder of images. Data given
@@ -193,7 +192,5 @@ def check_run_info(where: str, info: Any, built: bool = True) -> dict:
 def check_model_memory(where: str, model: dict, bytes_per_parameter: int) -> None:
     """Refuse an mlp or cnn whose parameters (float32, times what each one carries) would not fit in memory."""
     if model["name"] in ("mlp", "cnn"):
-        from xdl.limits import require_memory
-
         count = parameter_count(model)
         require_memory(bytes_per_parameter * count, f"{where}: the {model['name']} ({count:,} parameters)")
