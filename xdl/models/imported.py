@@ -1,4 +1,4 @@
-"""Models xdl did not train: a wrapper that puts them behind xdl's rule, and ``xdl import``.
+"""Models xdl did not train: a wrapper that puts them behind xdl's rule, and their readers.
 
 The rule (DESIGN.md) is that every model takes inputs in the data's natural range ([0, 1]
 images, N×C×H×W) and returns class scores. ``Imported`` wraps any ``nn.Module`` so that it
@@ -12,7 +12,7 @@ than it is (Carlini & Wagner 2017; AutoAttack's checks warn about the same thing
     >>> run = xdl.import_model("hf:./my-resnet", data="./photos", out="runs/resnet")  # doctest: +SKIP
     >>> xdl.audit(run)                                                              # doctest: +SKIP
 
-A run made here stores the model as the artifact it came in — a Hugging Face folder
+A run made by :func:`xdl.training.importing.import_model` stores the model as the artifact it came in — a Hugging Face folder
 (safetensors weights), a ``.keras`` file (loaded in Keras' safe mode) or a ``.pt2``
 ``torch.export`` program — plus its sha256, so it reloads with no flags and no code
 trusted; only a ``package.module:factory`` needs ``--trust-code``, now and on reload.
