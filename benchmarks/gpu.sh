@@ -53,7 +53,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import xdl
-from xdl.analyzers import Context, analyze, load_analyzer
+from xdl.analysis import Context, analyze, load_analyzer
 
 device = torch.device(os.environ["DEVICE"])
 work, epochs, compile_ = os.environ["WORK"], int(os.environ["EPOCHS"]), os.environ["COMPILE"] == "1"

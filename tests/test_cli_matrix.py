@@ -264,7 +264,7 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
             add(kind, "--eps -1", *base, "--eps", "-1")
             add(kind, "--eps abc", *base, "--eps", "abc")
 
-    # ---- differential privacy (xdl train --dp-epsilon, xdl/dp.py) ----
+    # ---- differential privacy (xdl train --dp-epsilon, xdl/training/dp.py) ----
     for flags in (["--dp-epsilon", "0"], ["--dp-epsilon", "-1"], ["--dp-epsilon", "nan"], ["--dp-epsilon", "inf"],
                   ["--dp-epsilon", "3", "--dp-delta", "0.5"],  # δ ≥ 1/N for the ~40 training rows
                   ["--dp-epsilon", "3", "--dp-delta", "0"], ["--dp-epsilon", "3", "--dp-max-grad-norm", "0"],
