@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +36,29 @@ def mlp_run(tmp_path_factory):
     """A small MLP on digits: image data without conv layers (gradcam must refuse it)."""
     out = tmp_path_factory.mktemp("runs") / "mlp"
     return xdl.train("digits", "mlp", out, epochs=4, quiet=True, model_options={"hidden": [32]})
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process (no interpreter start-up) and return (exit code, out, err)."""
+    from xdl.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def run_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``python -m xdl`` in a fresh interpreter, as a user's shell would."""
+    return subprocess.run([sys.executable, "-m", "xdl", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def copy_run(run, dest: Path) -> Path:
+    """A private copy of a session run, for tests that write results into it."""
+    dest.mkdir()
+    for name in ("run.json", "model.safetensors", "history.csv"):
+        shutil.copy(run.path / name, dest / name)
+    return dest
 
 
 def write_tabular_csv(path, n: int = 400, seed: int = 0):

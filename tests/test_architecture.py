@@ -8,8 +8,9 @@ blocks are left out, since they never run.
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "xdl"
@@ -190,3 +191,15 @@ def test_the_core_names_almost_no_plugin():
     assert "pgd" in builtin_methods() and "bias" in builtin_methods()
     found = method_literals()
     assert len(found) <= MAX_METHOD_LITERALS, found
+
+
+def test_the_readme_is_a_front_door_to_every_docs_page():
+    from xdl.cli.main import DOCS  # the epilog of xdl --help
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert len(readme.splitlines()) <= 250
+    assert "architecture.md" in pages and len(pages) >= 10
+    assert [p for p in pages if f"](docs/{p})" not in readme] == []
+    assert [p for p in pages if p not in DOCS] == []
+    assert [p for p in DOCS.split() if p.endswith(".md") and p not in pages] == []

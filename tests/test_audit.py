@@ -1,4 +1,8 @@
-"""``xdl audit``: selection, reuse, failures, a third party's section, and the page itself."""
+"""``xdl audit``: selection, reuse, failures, a third party's section, and the page itself.
+
+The audit page as a person sees it: numbers for people, only what applies, and a layout
+measured in a real browser (element geometry, not just 'nothing overflows').
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,21 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import copy_run
 
 import xdl
 from xdl.analysis.base import Result
-from xdl.auditing.audit import Audit, Section, findings, select
 from xdl.analysis.registry import PluginInfo
+from xdl.auditing.audit import Audit, Section, findings, select
 from xdl.errors import XdlError
 from xdl.render import render_audit
+from xdl.render.cards import applicable_training, human, run_cards
+from xdl.render.layout import chromium, measure, templates_digest
+
+# -----------------------------------------------------------------------------------------
+# audit
+# -----------------------------------------------------------------------------------------
+
 
 # A third-party package, installed the way pip would leave it: a module and a dist-info
 # folder whose entry points register one analyzer that works and one that crashes.
@@ -85,14 +97,6 @@ def third_party(tmp_path_factory):
     yield site
     sys.path.remove(str(site))
     sys.modules.pop("xdl_thirdparty_fake", None)
-
-
-def copy_run(run, dest: Path) -> Path:
-    """A private copy of a session run (the audit writes results into it)."""
-    dest.mkdir()
-    for name in ("run.json", "model.safetensors", "history.csv"):
-        shutil.copy(run.path / name, dest / name)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +251,8 @@ def test_findings_come_from_the_analyzers_own_classes(digits_run):
 def test_the_audit_module_names_no_plugin_metric_key():
     import inspect
 
-    import xdl.auditing.audit
     import xdl.analysis.evaluation
+    import xdl.auditing.audit
 
     for module in (xdl.auditing.audit, xdl.analysis.evaluation):
         source = inspect.getsource(module)
@@ -292,8 +296,9 @@ def test_a_time_budget_cuts_expensive_methods_and_says_so(digits_run, tmp_path, 
 
 def test_the_budget_counts_work_outside_the_model(digits_run, monkeypatch):
     """LIME's segmentation is not a model pass: at 224 px it took 69 s against a 30 s budget."""
-    from xdl.auditing.audit import Pace, _probe
     from xdl_plugins.lime import Lime
+
+    from xdl.auditing.audit import Pace, _probe
 
     pace = Pace(_probe(digits_run), budget=30.0)
     assert pace.samples(Lime, {}, 4) == (4, "")  # 8×8 digits: segmentation and passes are milliseconds
@@ -374,3 +379,86 @@ def test_page_renders_in_headless_chromium(html, tmp_path):
     check = json.loads(found.group(1).replace("&quot;", '"'))
     assert check["images"] >= 3 and check["decoded"], check
     assert check["innerWidth"] == 1280 and check["scrollWidth"] <= check["innerWidth"], check
+
+# -----------------------------------------------------------------------------------------
+# page
+# -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("parameters", 421_738, "422 k"),
+    ("flops_forward_per_sample", 8_482_304, "8.48 MFLOP"),
+    ("peak_memory_bytes", 817_500_160, "780 MiB"),
+    ("train_seconds", 8.275, "8.28 s"),
+    ("train_seconds", 754.0, "12 min 34 s"),
+    ("samples_per_second", 3056.99, "3,057 /s"),
+    ("test_accuracy", 0.9861111, "0.9861"),
+    ("samples", 19_395, "19,395"),
+    ("amp", True, "yes"),
+])
+def test_numbers_are_formatted_for_people(key, value, shown):
+    assert human(key, value) == shown
+
+
+def test_training_card_lists_only_what_this_run_used():
+    plain = {"epochs": 15, "lr": 0.003, "augment": [], "shift": 0.1, "rotate": 10.0, "noise": 0.05, "cutout": 0.25,
+             "mixup": 0.0, "adv_train": "none", "adv_eps": 0.1, "adv_steps": 10, "amp": True, "l1": 0.0,
+             "dp_epsilon": None, "seed": 0}
+    assert applicable_training(plain) == {"epochs": 15, "lr": 0.003, "seed": 0}
+    augmented = {**plain, "augment": ["shift", "flip"], "adv_train": "fgsm", "l1": 1e-4, "dp_epsilon": 3.0}
+    assert applicable_training(augmented) == {"epochs": 15, "lr": 0.003, "augment": ["shift", "flip"], "shift": 0.1,
+                                              "adv_train": "fgsm", "adv_eps": 0.1, "l1": 1e-4, "dp_epsilon": 3.0, "seed": 0}
+    assert "adv_steps" in applicable_training({**plain, "adv_train": "pgd"})
+
+
+def test_long_explanations_become_footnotes_and_imported_runs_show_their_source(digits_run):
+    header = {"model": digits_run.info["model"], "data": digits_run.info["data"], "train": digits_run.info["train"],
+              "metrics": digits_run.metrics, "compute": digits_run.info["compute"], "versions": {}}
+    cards = run_cards(header)
+    compute = next(c for c in cards.cards if c.title == "Compute")
+    assert any("flop_counter" in note for note in cards.notes)
+    assert any("resident memory" in note or "memory" in note for note in cards.notes)
+    assert all(len(row.value) <= 40 for card in cards.cards for row in card.rows)
+    assert [r.label for r in compute.rows][:2] == ["parameters", "FLOPs / sample"]
+    imported = run_cards({**header, "train": {}, "imported": {"format": "hf", "source": "/models/resnet"}})
+    assert [c.title for c in imported.cards] == ["Model", "Data", "Source", "Final metrics", "Compute", "Versions"]
+
+
+@pytest.fixture(scope="module")
+def page(digits_run, third_party, tmp_path_factory):
+    """A real audit of the test run: built-in sections, the Run cards, and a third party's wide table."""
+    path = copy_run(digits_run, tmp_path_factory.mktemp("page") / "run")
+    return xdl.audit(path, only=["saliency", "fgsm", "calibration", "overfit", "wide"], samples=8, progress=False)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium on PATH (.ci/run installs Debian's chromium)")
+def test_layout_holds_in_a_real_browser(page):
+    pytest.importorskip("playwright")
+    geometry = measure(page.html_path)
+    # No text squeezed to a character per line, and no card or cell stretched by one value.
+    assert geometry["squeezed"] == [], geometry["squeezed"]
+    assert geometry["run_height"] < 1200, geometry
+    assert geometry["tallest_card"]["height"] < 700, geometry["tallest_card"]
+    assert geometry["tallest_cell"]["height"] < 200, geometry["tallest_cell"]
+    assert geometry["tallest_finding"]["height"] < 400, geometry["tallest_finding"]
+    # About a laptop screen and a half per section, whatever the analyzer: the digits demo's
+    # 22 sections measure ~26,000 px (docs/screenshot.py prints it), under 1,500 + 22 × 1,300.
+    assert geometry["page_height"] < 1500 + 1300 * geometry["sections"], geometry["page_height"]
+    assert geometry["scroll_width"] <= geometry["inner_width"] == 1280
+    assert geometry["images"] >= 3 and geometry["images_decoded"]
+    assert geometry["toc_sticky"]
+    # Each section is collapsible and every figure has a caption.
+    html = page.html_path.read_text()
+    assert html.count("<details open>\n  <summary><h2>") == geometry["sections"] + 1  # + the Run section
+    assert html.count("<figure>") == html.count("<figcaption>")
+
+
+def test_the_readme_screenshot_is_of_the_current_templates():
+    from PIL import Image
+
+    png = Path(__file__).resolve().parent.parent / "docs" / "audit.png"
+    with Image.open(png) as image:
+        stamped = image.text.get("xdl-templates-sha256")
+    assert stamped == templates_digest(), (
+        "docs/audit.png was taken before the page templates last changed: run `python docs/screenshot.py`"
+    )

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import xdl
-from xdl.training import distributed
-from xdl.analysis.base import merge
 from xdl.analysis import Result
+from xdl.analysis.base import merge
+from xdl.training import distributed
 from xdl.training.distributed import World
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 import xdl
@@ -20,15 +21,6 @@ from xdl.models.imported import Imported, class_scores
 transformers = pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-
-
-def cli(capsys, *argv):
-    from xdl.cli.main import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def tiny_resnet(channels: int = 3, labels: int = 3) -> nn.Module:
@@ -153,14 +145,14 @@ def test_a_changed_artifact_is_refused(hf_run, tmp_path):
 def test_cli_import_then_every_command_works_unchanged(hf_folder, tmp_path, capsys):
     images = write_pngs(tmp_path / "photos", per_class=5)
     run = tmp_path / "run"
-    code, out, err = cli(capsys, "import", f"hf:{hf_folder}", "--data", images, "--out", run, "--normalize", "imagenet", "-q")
+    code, out, err = run_cli(capsys, "import", f"hf:{hf_folder}", "--data", images, "--out", run, "--normalize", "imagenet", "-q")
     assert code == 0 and f"run saved to {run}" in out, err
     assert json.loads((run / "run.json").read_text())["model"]["normalize"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     for argv in (["info", run], ["explain", run, "--method", "gradcam", "-n", "2", "-q"],
                  ["attack", run, "-n", "4", "-q"], ["report", run, "--method", "calibration", "-q"]):
-        code, out, err = cli(capsys, *argv)
+        code, out, err = run_cli(capsys, *argv)
         assert code == 0, (argv, err)
-    code, out, err = cli(capsys, "explain", run, "--method", "gradcam", "-p", "layer=list", "-q")
+    code, out, err = run_cli(capsys, "explain", run, "--method", "gradcam", "-p", "layer=list", "-q")
     assert code == 0 and "model.resnet.encoder.stages.1 (auto)" in out
 
 

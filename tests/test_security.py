@@ -1,6 +1,6 @@
 """Security and data safety (issue 15): code named by a run, hostile run.json, lost files, misuse.
 
-The bad-input matrix (test_cli_matrix.py) holds the CLI rows; this file holds what a row
+The bad-input matrix (test_cli.py) holds the CLI rows; this file holds what a row
 cannot show: that a factory named by run.json is never imported without trust (and is with
 it), random mutations of a real run.json, the Python API's misuse sentences, the files that
 survive ``--force`` and ``out=``, and the peak memory of refused huge requests.
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,8 +28,6 @@ import xdl
 from xdl.analysis import Result
 from xdl.errors import XdlError
 from xdl.runs.run import Run
-
-from test_cli_matrix import run_cli
 
 
 def strict_loads(text: str):
@@ -75,7 +74,7 @@ def test_a_factory_in_run_json_is_never_imported_without_trust(factory_run, caps
     results_before = sorted(run.glob("*/*/result.json"))
     for argv in (["explain", run, "-n", "2", "-q"], ["attack", run, "-n", "2", "-q"],
                  ["report", run, "--method", "calibration", "-q"], ["audit", run, "--only", "saliency", "-n", "2", "-q"]):
-        code, _, err = run_cli(capsys, argv)
+        code, _, err = run_cli(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"{module}:build" in err and "--trust-code" in err, err
     with pytest.raises(XdlError, match="trust_code=True"):
@@ -88,7 +87,7 @@ def test_a_factory_in_run_json_is_never_imported_without_trust(factory_run, caps
     # Trusted, the same run works: the gate is the only thing that stopped it.
     result = xdl.explain(str(run), "saliency", samples=2, save=False, trust_code=True)
     assert marker.exists() and result.arrays["attributions"].shape == (2, 1, 8, 8)
-    code, out, err = run_cli(capsys, ["explain", run, "-n", "2", "-q", "--trust-code"])
+    code, out, err = run_cli(capsys, *["explain", run, "-n", "2", "-q", "--trust-code"])
     assert code == 0, err
 
 
@@ -169,7 +168,7 @@ def test_mutated_run_json_exits_0_or_2(digits_run, tmp_path_factory, capsys):
         run = Path(shutil.copytree(digits_run.path, tmp_path_factory.mktemp("mutant") / "run"))
         (run / "run.json").write_text(json.dumps(info))
         for argv in (["info", run], ["explain", run, "-n", "2", "-q"]):
-            code, _, err = run_cli(capsys, argv)
+            code, _, err = run_cli(capsys, *argv)
             codes.append(code)
             assert code in (0, 2), (path, value, err)
             assert "Traceback" not in err and (code == 0 or len(err.strip().splitlines()) == 1), (path, value, err)

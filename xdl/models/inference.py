@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from xdl.limits import available_memory
+from xdl import limits
 
 
 class ChannelsLast(nn.Module):
@@ -161,7 +161,7 @@ def rows_per_pass(model: nn.Module, sample: torch.Tensor, budget: int | None = N
     bytes of saved activations (default :data:`ACTIVATION_BUDGET`) and a quarter of the memory
     that is free; at least 1."""
     budget = ACTIVATION_BUDGET if budget is None else budget
-    free = available_memory() if sample.device.type == "cpu" else torch.cuda.mem_get_info(sample.device)[0]
+    free = limits.available_memory() if sample.device.type == "cpu" else torch.cuda.mem_get_info(sample.device)[0]
     room = min(budget, free // 4) if free else budget
     return max(1, room // row_bytes(model, sample))
 

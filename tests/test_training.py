@@ -1,4 +1,10 @@
-"""Nothing lost, nothing executed: hostile weights, kill -9 during training, resume, divergence.
+"""Core: training determinism, the run directory, and the CLI's bad-input contract.
+
+The default training recipe: an epoch count that fits the data, recorded in the run.
+
+The catastrophic-overfitting guard of --adv-train fgsm: when it stops, what it keeps, what it records.
+
+Nothing lost, nothing executed: hostile weights, kill -9 during training, resume, divergence.
 
 The kill test drives the real entry point (``python -m xdl``) in subprocesses; everything
 else calls the CLI in-process for speed.
@@ -20,27 +26,242 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, run_process
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import xdl
-from xdl.runs import checkpoint
 from xdl.errors import XdlError
-from xdl.models.builders import load_user_weights
+from xdl.models.builders import build_model, load_user_weights, model_config
+from xdl.runs import checkpoint
 from xdl.runs.run import Run
+from xdl.training.coguard import CatastrophicOverfitGuard
+from xdl.training.config import MAX_EPOCHS, MIN_EPOCHS, TrainConfig, epoch_budget
 from xdl.training.steps import TrainingDiverged
+
+# -----------------------------------------------------------------------------------------
+# core
+# -----------------------------------------------------------------------------------------
+
+
+def test_run_directory_rebuilds_the_model(digits_run):
+    info = json.loads((digits_run.path / "run.json").read_text())
+    assert info["format_version"] == 1
+    assert info["model"]["in_shape"] == [1, 8, 8]
+    assert {"torch", "python"} <= set(info["versions"])
+    again = xdl.load(digits_run.path)
+    assert not again.model.training
+    assert len(again.history) == 4
+    # The reloaded net on the reloaded splits gives the metrics the trained net gave at training time.
+    from xdl.training.metrics import evaluate
+
+    for split in ("train", "val", "test"):
+        measured = evaluate(again.model, again.data.split(split), torch.device("cpu"))
+        assert measured["accuracy"] == digits_run.metrics[f"{split}_accuracy"], split
+        assert measured["loss"] == pytest.approx(digits_run.metrics[f"{split}_loss"], rel=1e-6), split
+
+
+def test_a_saved_run_reloads_as_the_trained_net(tmp_path):
+    from xdl.models.builders import set_normalization
+    from xdl.runs.run import save_run
+    from xdl.training.config import TrainConfig
+    from xdl.training.loop import fit
+
+    data = xdl.load_data("digits", limit=60)
+    cfg = model_config("cnn", "image", channels=[4], hidden=8)
+    net = build_model(cfg, data.input_shape, data.num_classes)
+    set_normalization(net, data.train.x)
+    history = fit(net, data, TrainConfig(epochs=1), progress=False, log=lambda line: None)
+    save_run(tmp_path / "run", net, data, cfg, {}, history, {})
+    x = data.test.x
+    with torch.no_grad():
+        torch.testing.assert_close(xdl.load(tmp_path / "run").model(x), net.eval()(x), rtol=0, atol=0)
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    kwargs = dict(epochs=2, quiet=True, model_options={"hidden": [16]}, augment=["noise"], mixup=0.2)
+    a = xdl.train("digits", "mlp", tmp_path / "a", **kwargs)
+    b = xdl.train("digits", "mlp", tmp_path / "b", **kwargs)
+    for (name, wa), wb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(wa, wb), name
+
+
+def test_model_takes_natural_range_inputs(digits_run):
+    from xdl.models.builders import Normalize
+
+    norm = digits_run.model[0]
+    assert isinstance(norm, Normalize)
+    x = digits_run.data.train.x
+    assert torch.allclose(norm.mean.flatten(), x.mean().reshape(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_cnn_fits_every_image_size(shape):
+    model = build_model(model_config("cnn"), shape, 10)
+    assert model(torch.rand(2, *shape)).shape == (2, 10)
+
+
+def test_augmentations_do_what_they_say():
+    from xdl.training.config import TrainConfig
+    from xdl.training.steps import augment
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16) * 0.5 + 0.25  # away from the clamp at 0 and 1
+    # flip: every image is itself or its mirror, both happen
+    out = augment(x, TrainConfig(augment=["flip"]))
+    same, mirrored = (out == x).flatten(1).all(1), (out == x.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and same.any() and mirrored.any()
+    # a shift by s of the width moves content by at most s·16 pixels; zero shift is the identity
+    still = augment(x, TrainConfig(augment=["shift"], shift=0.0))
+    torch.testing.assert_close(still, x, atol=1e-5, rtol=0)
+    dot = torch.zeros(64, 1, 16, 16)
+    dot[:, :, 8, 8] = 1.0
+    moved = augment(dot, TrainConfig(augment=["shift"], shift=0.1))
+    grid = torch.arange(16.0)
+    mass = moved.sum((1, 2, 3))
+    centre = torch.stack([(moved.sum(3)[:, 0] * grid).sum(1), (moved.sum(2)[:, 0] * grid).sum(1)], 1) / mass[:, None]
+    offset = (centre - torch.tensor([8.0, 8.0])).abs()
+    assert (offset <= 0.1 * 16 + 1e-4).all() and (offset > 0.05).any()
+    # cutout: one square of side round(f·16) set to 0 (smaller where it meets the border), the rest untouched
+    cfg = TrainConfig(augment=["cutout"], cutout=0.25)
+    out = augment(x, cfg)
+    holes = (out == 0).all(1)  # all channels
+    assert ((out == 0) | (out == x)).all() and (holes.flatten(1).sum(1) <= 25).all() and holes.any()
+    # noise: zero-mean Gaussian of the configured standard deviation
+    out = augment(x, TrainConfig(augment=["noise"], noise=0.05))
+    delta = out - x
+    assert abs(float(delta.mean())) < 2e-3 and float(delta.std()) == pytest.approx(0.05, rel=0.05)
+
+
+def test_existing_run_is_not_overwritten(digits_run):
+    before = (digits_run.path / "model.safetensors").read_bytes()
+    with pytest.raises(XdlError, match="already holds a run"):
+        xdl.train("digits", "mlp", digits_run.path, epochs=1, quiet=True)
+    assert (digits_run.path / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "nope"], "unknown dataset"),
+        (["--model", "resnet"], "unknown model"),
+        (["--epochs", "0"], "epochs must be > 0"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--dropout", "1.0"], "dropout must be in [0, 1)"),
+        (["--model", "no.such.module:factory"], "cannot resolve model factory"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--augment", "warp"], "unknown augmentation"),
+    ],
+)
+def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    result = run_process("train", "--out", tmp_path / "r", "--epochs", "1", *args) if "--epochs" not in args else run_process(
+        "train", "--out", tmp_path / "r", *args
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_load_refuses_newer_format(digits_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "future"
+    shutil.copytree(digits_run.path, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["format_version"] = 99
+    (copy / "run.json").write_text(json.dumps(info))
+    with pytest.raises(XdlError, match="newer xdl"):
+        xdl.load(copy)
+
+
+def test_few_steps_train_without_a_one_cycle_crash(tmp_path):
+    # 60 rows in batches of 128: one step per epoch, too few for one-cycle's phases.
+    run = xdl.train("digits", "mlp", tmp_path / "r", epochs=2, quiet=True, data_options={"limit": 60},
+                    model_options={"hidden": [8]})
+    assert run.metrics["epochs_run"] == 2
+
+
+def test_forced_result_replaces_the_whole_folder(tmp_path):
+    from xdl.analysis import Result
+
+    first = Result("m", "explain", figures={"old": b"png"}, metrics={"a": 1})
+    first.save(tmp_path / "m")
+    Result("m", "explain", metrics={"a": 2}).save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["result.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial or old folder left behind
+
+# -----------------------------------------------------------------------------------------
+# recipe
+# -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("samples, epochs", [(1_293, 6), (3_600, 2), (8_000, MIN_EPOCHS), (60_000, MIN_EPOCHS), (50, MAX_EPOCHS)])
+def test_the_default_epoch_count_is_a_budget_of_samples(samples, epochs):
+    assert epoch_budget(samples) == epochs
+    assert TrainConfig().for_samples(samples).epochs == epochs
+    assert TrainConfig(epochs=3).for_samples(samples).epochs == 3  # an explicit count is kept
+
+
+def test_a_run_records_the_epochs_it_was_given(tmp_path):
+    run = xdl.train("digits", "mlp", tmp_path / "run", quiet=True, data_options={"limit": 120},
+                    model_options={"hidden": [8]})
+    train = len(run.history)
+    assert run.info["train"]["epochs"] == train == epoch_budget(run.info["dataset"]["sizes"]["train"])
+
+# -----------------------------------------------------------------------------------------
+# coguard
+# -----------------------------------------------------------------------------------------
+
+
+def test_guard_keeps_the_peak_and_stops_on_collapse():
+    data = xdl.load_data("digits", limit=120)
+    guard = CatastrophicOverfitGuard(data, 0.1, torch.device("cpu"))
+    model = torch.nn.Linear(1, 1)
+    stops = []
+    for epoch, accuracy in enumerate([0.30, 0.52, 0.45, 0.40, 0.25], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        stops.append(guard.update(model, epoch, accuracy))
+    # 0.45 and 0.40 are within 20 points of the 0.52 peak; 0.25 is a collapse (and under half).
+    assert stops == [False, False, False, False, True]
+    assert guard.best_epoch == 2 and guard.best_state["weight"].item() == 2
+    assert "epoch 2 kept" in guard.message
+
+
+def test_fgsm_training_records_pgd_accuracy_and_stops_on_collapse(tmp_path, monkeypatch):
+    # A scripted collapse: PGD accuracy 0.4 → 0.6 → 0.05, as Wong et al. 2020 saw with α = 2·eps.
+    scripted = iter([0.4, 0.6, 0.05, 0.05, 0.05])
+    monkeypatch.setattr(CatastrophicOverfitGuard, "measure", lambda self, model: next(scripted))
+    weights = {}
+
+    real_update = CatastrophicOverfitGuard.update
+
+    def update(self, model, epoch, accuracy):
+        weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_update(self, model, epoch, accuracy)
+
+    monkeypatch.setattr(CatastrophicOverfitGuard, "update", update)
+    run = xdl.train("digits", "mlp", tmp_path / "r", epochs=5, quiet=True, adv_train="fgsm", adv_eps=0.1, adv_step=2.0,
+                    data_options={"limit": 200}, model_options={"hidden": [16]})
+    history = run.history
+    assert [r["epoch"] for r in history] == [1, 2, 3]  # stopped at the collapse
+    assert [r["pgd_accuracy"] for r in history] == [0.4, 0.6, 0.05]
+    kept = run.model.state_dict()
+    assert all(torch.equal(kept[k].cpu(), weights[2][k].cpu()) for k in kept)  # the peak epoch's weights
+
+
+def test_adv_step_is_validated():
+    with pytest.raises(xdl.XdlError, match="adv-step"):
+        TrainConfig(adv_train="fgsm", adv_step=0)
+
+# -----------------------------------------------------------------------------------------
+# reliability
+# -----------------------------------------------------------------------------------------
+
 
 # Small enough for ~1 s of training, long enough (many epochs) for a kill to land mid-run.
 TINY = ["--data", "digits", "--limit", "300", "--model", "mlp", "--hidden", "16", "--batch-size", "32", "-q"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    from xdl.cli.main import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 class Payload:
