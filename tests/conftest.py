@@ -54,10 +54,13 @@ def run_process(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def copy_run(run, dest: Path) -> Path:
-    """A private copy of a session run, for tests that write results into it."""
+    """A private copy of a session run as training left it, without the results other tests
+    wrote into the shared run (which vary with the order xdist gives the tests)."""
     dest.mkdir()
     for name in ("run.json", "model.safetensors", "history.csv"):
         shutil.copy(run.path / name, dest / name)
+    if (run.path / "checkpoint").is_dir():
+        shutil.copytree(run.path / "checkpoint", dest / "checkpoint")
     return dest
 
 

@@ -12,13 +12,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import copy_run, run_cli
 from torch import nn
 
 import xdl
 from xdl.errors import XdlError
 from xdl.methods import masking, robust
-from xdl.methods.autoattack import apgd, autoattack, checkpoints, dlr_loss, margin, square
+from xdl.methods.autoattack import (
+    apgd,
+    autoattack,
+    checkpoints,
+    dlr_loss,
+    margin,
+    square,
+)
 from xdl.methods.corruptions import TYPES, corrupt
 from xdl.testing import check_analyzer
 
@@ -363,9 +370,7 @@ def test_autoattack_analyzer_result_and_findings(digits_run):
 
 @pytest.mark.parametrize("choice,expected", [("autoattack", ["attack/autoattack"]), ("pgd", ["attack/pgd"])])
 def test_audit_attack_choice(digits_run, tmp_path, choice, expected):
-    import shutil
-
-    run = shutil.copytree(digits_run.path, tmp_path / "run")
+    run = copy_run(digits_run, tmp_path / "run")
     # AutoAttack's parts (apgd, square) are not run again beside it; with pgd, none of the three runs.
     page = xdl.audit(run, only=["attack"], skip=["fgsm", "corruptions", *(["pgd"] if choice == "autoattack" else [])],
                      samples=12, progress=False, audit_attack=choice)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import copy_run, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -61,7 +61,7 @@ def factory_run(digits_run, tmp_path, monkeypatch):
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / f"{module}.py").write_text(PAYLOAD.format(marker=str(marker), config=digits_run.info["model"]))
     monkeypatch.syspath_prepend(str(tmp_path / "code"))
-    run = Path(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Path(copy_run(digits_run, tmp_path / "run"))
     info = json.loads((run / "run.json").read_text())
     info["model"] = {**info["model"], "name": "custom", "factory": f"{module}:build"}
     (run / "run.json").write_text(json.dumps(info))
@@ -101,7 +101,7 @@ def test_the_issue_payload_runs_no_shell_in_a_real_process(digits_run, tmp_path)
     """The reported run.json (subprocess:call with a shell command as in_shape), through `python -m xdl`.
 
     Trusted or not, it is refused by the schema; the Popen variant, which passes it, is a matrix row."""
-    run = Path(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Path(copy_run(digits_run, tmp_path / "run"))
     pwned = tmp_path / "pwned"
     info = json.loads((run / "run.json").read_text())
     model = {"name": "custom", "factory": "subprocess:call", "in_shape": ["sh", "-c", f"id > {pwned}"], "num_classes": 10}
@@ -165,7 +165,7 @@ def test_mutated_run_json_exits_0_or_2(digits_run, tmp_path_factory, capsys):
             del parent[path[-1]]
         else:
             parent[path[-1]] = value
-        run = Path(shutil.copytree(digits_run.path, tmp_path_factory.mktemp("mutant") / "run"))
+        run = Path(copy_run(digits_run, tmp_path_factory.mktemp("mutant") / "run"))
         (run / "run.json").write_text(json.dumps(info))
         for argv in (["info", run], ["explain", run, "-n", "2", "-q"]):
             code, _, err = run_cli(capsys, *argv)
@@ -254,7 +254,7 @@ def test_out_never_deletes_a_users_files(tmp_path):
 
 
 def test_force_replaces_only_what_xdl_wrote(digits_run, tmp_path):
-    run = Path(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Path(copy_run(digits_run, tmp_path / "run"))
     xdl.explain(run, "saliency", samples=2)
     (run / "explain" / "notes.md").write_text("my notes")
     (run / "report").mkdir(exist_ok=True)
@@ -270,7 +270,7 @@ def test_force_replaces_only_what_xdl_wrote(digits_run, tmp_path):
 
 
 def test_concurrent_claims_get_distinct_folders(digits_run, tmp_path):
-    run = Run(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Run(copy_run(digits_run, tmp_path / "run"))
     claimed, barrier = [], threading.Barrier(8)
 
     def claim():
@@ -288,7 +288,7 @@ def test_concurrent_claims_get_distinct_folders(digits_run, tmp_path):
 
 def test_two_concurrent_explains_keep_both_results(digits_run, tmp_path):
     """Two explains of one method at once: each saves its own folder (the mkdir claim decides)."""
-    run = shutil.copytree(digits_run.path, tmp_path / "run")
+    run = copy_run(digits_run, tmp_path / "run")
     before = {p.parent.name for p in (run / "explain").glob("*/result.json")}
     barrier, results, errors = threading.Barrier(2), [], []
 
@@ -310,7 +310,7 @@ def test_two_concurrent_explains_keep_both_results(digits_run, tmp_path):
 
 
 def test_read_only_run_fails_before_the_work(digits_run, tmp_path, monkeypatch):
-    run = Run(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Run(copy_run(digits_run, tmp_path / "run"))
     if os.geteuid() != 0:
         run.path.chmod(0o555)
         try:
@@ -326,7 +326,7 @@ def test_read_only_run_fails_before_the_work(digits_run, tmp_path, monkeypatch):
 
 
 def test_a_failed_save_is_one_line(digits_run, tmp_path, monkeypatch):
-    run = Run(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Run(copy_run(digits_run, tmp_path / "run"))
 
     def full_disk(self, folder):
         raise OSError(28, "No space left on device", str(folder))
@@ -361,7 +361,7 @@ def test_json_is_strict_and_nan_is_null(tmp_path):
 def test_nan_weights_are_refused(digits_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    run = Path(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Path(copy_run(digits_run, tmp_path / "run"))
     state = load_file(run / "model.safetensors")
     name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 3)
     state[name].view(-1)[3] = float("inf")
@@ -422,7 +422,7 @@ def test_peak_memory_of_refused_huge_requests(digits_run, tmp_path):
     import gzip
     import struct
 
-    run = shutil.copytree(digits_run.path, tmp_path / "run")
+    run = copy_run(digits_run, tmp_path / "run")
     info = json.loads((Path(run) / "run.json").read_text())
     big = shutil.copytree(run, tmp_path / "big")
     (big / "run.json").write_text(json.dumps({**info, "model": {**info["model"], "name": "mlp",

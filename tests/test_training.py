@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_process
+from conftest import copy_run, run_cli, run_process
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -164,10 +163,7 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
 
 
 def test_load_refuses_newer_format(digits_run, tmp_path):
-    import shutil
-
-    copy = tmp_path / "future"
-    shutil.copytree(digits_run.path, copy)
+    copy = copy_run(digits_run, tmp_path / "future")
     info = json.loads((copy / "run.json").read_text())
     info["format_version"] = 99
     (copy / "run.json").write_text(json.dumps(info))
@@ -302,7 +298,7 @@ def test_hostile_pt_weights_are_refused_and_never_run(tmp_path, capsys):
 
 def test_run_whose_model_file_is_a_pickle_is_refused(digits_run, tmp_path, capsys):
     marker = tmp_path / "MARKER"
-    run_dir = shutil.copytree(digits_run.path, tmp_path / "run")
+    run_dir = copy_run(digits_run, tmp_path / "run")
     (run_dir / "model.safetensors").write_bytes(pickle.dumps(Payload(marker)))
 
     with pytest.raises(XdlError, match="cannot read weights"):
@@ -505,7 +501,7 @@ def test_huge_lr_exits_2_with_epoch_and_step(tmp_path, capsys):
 
 
 def test_results_are_never_silently_overwritten(digits_run, tmp_path):
-    run = Run(shutil.copytree(digits_run.path, tmp_path / "run"))
+    run = Run(copy_run(digits_run, tmp_path / "run"))
     first = xdl.explain(run, "saliency", samples=2)
     second = xdl.explain(run, "saliency", samples=3)
     assert (first.path.name, second.path.name) == ("saliency", "saliency-2")
