@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import xdl
 
@@ -88,3 +90,49 @@ def tabular_run(tmp_path_factory):
         str(csv), "mlp", folder / "run", epochs=10, quiet=True,
         data_options={"target": "income", "sensitive": "sex"}, model_options={"hidden": [16]},
     )
+
+
+# ------------------------------------------------------------- models xdl did not train
+# Hugging Face architectures built from configs (nothing is downloaded) and a folder of photos.
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def tiny_resnet(channels: int = 3, labels: int = 3) -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    names = {i: n for i, n in enumerate(["cat", "dog", "fox"][:labels])}
+    config = ResNetConfig(num_channels=channels, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          num_labels=labels, id2label=names, label2id={n: i for i, n in names.items()})
+    return ResNetForImageClassification(config).eval()
+
+
+def tiny_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)
+    return ViTForImageClassification(config).eval()
+
+
+def write_pngs(root: Path, classes=("cat", "dog", "fox"), per_class: int = 8, size: int = 16) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Path:
+    """A tiny Hugging Face ResNet saved as ``save_pretrained`` writes it, with its preprocessor."""
+    folder = tmp_path_factory.mktemp("hf") / "resnet"
+    tiny_resnet().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": MEAN, "image_std": STD, "do_resize": True, "size": {"height": 16, "width": 16}}
+    ))
+    return folder

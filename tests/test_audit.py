@@ -312,12 +312,9 @@ def test_the_budget_counts_work_outside_the_model(digits_run, monkeypatch):
 
 
 def test_a_method_far_over_the_budget_is_skipped_and_the_page_says_so(digits_run, tmp_path, monkeypatch):
-    import shutil as sh
-
     from xdl_plugins.lime import Lime
 
-    run = tmp_path / "run"
-    sh.copytree(digits_run.path, run)
+    run = copy_run(digits_run, tmp_path / "run")  # no lime result another test saved, to reuse
     monkeypatch.setattr(Lime, "seconds_beside_model", classmethod(lambda cls, params, sample: 1e6))
     audit = xdl.audit(run, only=["lime", "saliency"], samples=4, progress=False)
     lime = next(s for s in audit.sections if s.method == "lime")

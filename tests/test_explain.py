@@ -236,7 +236,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, digits_run, args, message)
 
 def test_cli_gradcam_on_an_mlp(capsys, mlp_run):
     code, _, err = run_cli(capsys, "explain", mlp_run.path, "--method", "gradcam", "-n", "2")
-    assert code == 2 and err == "xdl: error: gradcam needs a conv layer; this model has none\n"
+    assert code == 2 and err == ("xdl: error: explain method 'gradcam' does not apply to a model with no spatial layer "
+                                 "(a conv map or ViT patch tokens) its class score depends on\n")
 
 
 def test_cli_writes_results_and_never_overwrites_without_force(capsys, digits_run, tmp_path):

@@ -526,10 +526,16 @@ def test_embedding_colours_by_group_on_tabular_runs(tabular_run):
     assert set(result.figures) == {"pca_class", "pca_sex"}
 
 
-def test_embedding_needs_a_linear_head():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(XdlError, match="nn.Linear"):
-        xdl.explain(model, "embedding", x=torch.rand(5, 1, 6, 6))
+def test_embedding_without_a_score_layer_projects_the_logits():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # pooled maps are the scores
+    x = torch.rand(5, 1, 6, 6)
+    result = xdl.explain(model, "embedding", x=x, samples=None, params={"tsne": False})
+    assert result.metrics["features"] == 2 and result.metrics["features_from"].startswith("the logits")
+    assert any("projected from the logits" in w for w in result.warnings)
+    from sklearn.decomposition import PCA
+
+    pca = PCA(2).fit(model(x).detach().numpy())
+    np.testing.assert_allclose(np.abs(result.arrays["pca"]), np.abs(pca.transform(model(x).detach().numpy())), atol=1e-5)
     assert hook_count(model) == 0
 
 # -----------------------------------------------------------------------------------------

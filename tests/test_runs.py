@@ -19,11 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, write_tabular_csv
 from torch import nn
 
 import xdl
-from tests.conftest import write_tabular_csv
 from xdl.data import load_data
 from xdl.runs import provenance
 

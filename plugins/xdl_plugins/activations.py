@@ -1,12 +1,13 @@
 """What each layer computes: feature maps, activation statistics, dead units, first filters.
 
-Forward hooks on every Conv2d, Linear and activation layer (or the ``layers`` named)
+Forward hooks on every Conv2d, dense (``nn.Linear``, a Keras ``Dense``: any origin, see
+:func:`xdl.models.layers.layer_tree`) and activation layer (or the ``layers`` named)
 capture the outputs. Statistics stream over the whole test split batch by batch, reduced
 inside the hook, so memory stays bounded by one batch; the feature maps are drawn for the
 selected samples only.
 
-A unit is dead when it is never positive on any test sample: a ReLU's output unit for
-dense layers, a whole channel (at every position) for convolutions. Dead units pass no
+A unit is dead when it is never positive on any test sample: a ReLU's output unit (or a
+Keras layer's with ``activation="relu"``) for dense layers, a whole channel (at every position) for convolutions. Dead units pass no
 gradient, so they never recover — many of them is a sign of a too-high learning rate.
 
 On a bare model there is no test split: the statistics cover the samples analyzed, so
@@ -29,17 +30,16 @@ from torch import nn
 from xdl.analysis.base import Analyzer, Context, Result
 from xdl.errors import XdlError
 from xdl.limits import at_most
+from xdl.models.layers import is_dense, layer_tree, rectified
 from xdl.plotting import image_grid
 
-# Units are "dead" only where the nonlinearity zeroes negatives; a Tanh unit is never dead.
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
 # At most this many samples' feature maps per figure: rows beyond it would be unreadable.
 MAX_ROWS = 8
 
 
 @dataclass
 class Params:
-    layers: list[str] = field(default_factory=list)  # layer names; empty: every conv/linear/activation layer
+    layers: list[str] = field(default_factory=list)  # layer names; empty: every conv/dense/activation layer
     channels: int = 16  # strongest channels drawn per conv layer
     drawn: int = 6  # conv layers whose maps are drawn, evenly spaced through the depth (every layer's are saved)
     dead_warning: float = 0.5  # flag layers with more dead units than this fraction
@@ -54,8 +54,8 @@ class Params:
 
 
 def watched(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    """The named layers, or by default every Conv2d, Linear and torch activation module."""
-    modules = dict(model.named_modules())
+    """The named layers, or by default every Conv2d, dense layer and torch activation module."""
+    modules = layer_tree(model)
     if names:
         missing = [n for n in names if n not in modules or n == ""]
         if missing:
@@ -64,7 +64,7 @@ def watched(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
         return {n: modules[n] for n in names}
     return {
         n: m for n, m in modules.items()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
+        if n and (isinstance(m, nn.Conv2d) or is_dense(m))
         or (type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention))
     }
 
@@ -110,7 +110,8 @@ class Stats:
         mean = float((n * means).sum() / n.sum())
         # Chan et al.'s pooled variance: within-batch variance plus the spread of batch means.
         var = float((n * (variances + (means - mean) ** 2)).sum() / n.sum())
-        rectifier = isinstance(module, RECTIFIERS)
+        # Units are "dead" only where the nonlinearity zeroes negatives; a Tanh unit is never dead.
+        rectifier = rectified(module)
         return {
             "layer": name,
             "type": type(module).__name__,

@@ -1,7 +1,7 @@
 """Duplicates: exact and near copies within and across splits, and the leakage they cause.
 
 Exact copies share every byte of the loaded sample (grouped by sorting, not hashing). Near
-copies have penultimate features (the input of the last nn.Linear, centred on the training
+copies have penultimate features (the input of the layer that produces the class scores, centred on the training
 mean) with cosine similarity at or above ``feature_threshold`` and, for images, DCT perceptual
 hashes (Zauner 2010) at most ``hash_distance`` of 195 bits apart: both must agree, so a lightly
 noised or shifted copy is found while two different digits of one class are not. Tabular rows
@@ -26,6 +26,7 @@ from xdl.analysis import Analyzer, Context, Finding, Result
 from xdl.errors import XdlError
 from xdl.methods.quality import duplicates as dup
 from xdl.methods.quality.features import logits_and_features
+from xdl.models.layers import Head, score_head
 
 SPLITS = ("train", "val", "test")
 
@@ -65,7 +66,7 @@ class Duplicates(Analyzer):
         y = torch.cat([p.y for p in parts]).numpy()
         split = np.repeat(np.arange(3), [len(p) for p in parts])
         source = np.concatenate([p.source_index for p in parts])
-        logits, features, digests, hashes = _walk(ctx, parts)
+        logits, features, digests, hashes, head = _walk(ctx, parts)
         predicted = logits.argmax(1).numpy()
         n = len(y)
 
@@ -121,8 +122,11 @@ class Duplicates(Analyzer):
             near_pairs=int(len(i)), duplicate_groups=int(len(groups)), cross_split_groups=cross,
             conflicting_groups=int(conflict.sum()), leaked_test=int(len(leaked)), test_samples=int(test.sum()),
             test_accuracy=accuracy, test_accuracy_without_leaked=accuracy_clean,
-            truncated=bool(len(members) > params.max_rows or len(i) > params.max_rows),
+            truncated=bool(len(members) > params.max_rows or len(i) > params.max_rows), features_from=head.described,
         )
+        if head.module is None:
+            result.warnings.append("near copies compared on the logits: no layer of this model produces the class "
+                                   "scores alone, so its penultimate features are not reachable")
         if result.metrics["truncated"]:
             result.warnings.append(f"tables keep the first {params.max_rows} rows; arrays.npz holds every pair and group")
         result.summary = (
@@ -175,14 +179,16 @@ class Duplicates(Analyzer):
         )]
 
 
-def _walk(ctx: Context, parts: list) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None]:
+def _walk(ctx: Context, parts: list) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None, Head]:
     """Logits, penultimate features, a 16-byte digest of each row's values (exact copies share
-    it) and, for images, the perceptual hash: one pass over every split in batches, so a
-    streamed split is decoded once and never held whole."""
+    it), for images the perceptual hash, and the head the features are read at: one pass over
+    every split in batches, so a streamed split is decoded once and never held whole."""
     logits, features, digests, hashes = [], [], [], []
+    head = None
     for part in parts:
         for _, xb in ctx.stream(part.x, desc="features" if ctx.progress else None):
-            lo, fe = logits_and_features(ctx.model, xb, ctx.device, len(xb))
+            head = head or score_head(ctx.model, xb[:2].to(ctx.device))
+            lo, fe = logits_and_features(ctx.model, xb, ctx.device, len(xb), head=head)
             logits.append(lo)
             features.append(fe)
             cpu = xb.cpu()
@@ -191,7 +197,7 @@ def _walk(ctx: Context, parts: list) -> tuple[torch.Tensor, torch.Tensor, np.nda
             if ctx.kind == "image":
                 hashes.append(dup.phash(cpu))
     digest = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16)
-    return torch.cat(logits), torch.cat(features), digest, torch.cat(hashes) if hashes else None
+    return torch.cat(logits), torch.cat(features), digest, torch.cat(hashes) if hashes else None, head or Head("", None)
 
 
 def _pairs(x: dict[int, torch.Tensor], a: np.ndarray, b: np.ndarray, split: np.ndarray, source: np.ndarray, cos: np.ndarray):

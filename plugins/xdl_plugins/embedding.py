@@ -1,7 +1,9 @@
 """The penultimate-layer representation of the whole split, projected to 2-D.
 
-A forward pre-hook on the last ``nn.Linear`` captures its input — the features the
-classifier head separates — batch by batch. scikit-learn projects them with PCA (all
+A forward pre-hook on the layer that produces the class scores (an ``nn.Linear``, a Keras
+``Dense``, a Hugging Face head; :func:`xdl.models.layers.score_head`) captures its input —
+the features the classifier head separates — batch by batch; a model with no such layer
+is projected from its logits, and the result says which. scikit-learn projects them with PCA (all
 points) and t-SNE (a seeded subsample, since t-SNE grows quadratically with the points).
 Well-separated class clusters mean the head has an easy job; misclassified points
 sitting inside another class's cluster are errors of the representation, not the head.
@@ -18,11 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
 from xdl.analysis.base import Analyzer, Context, Result
 from xdl.errors import XdlError
 from xdl.limits import at_most
+from xdl.methods.quality.features import logits_and_features
+from xdl.models.layers import Head, score_head
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,7 +63,7 @@ class Embedding(Analyzer):
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
-        features, predicted = penultimate(ctx)
+        features, predicted, head = penultimate(ctx)
         if len(features) < 3:
             raise XdlError(f"an embedding needs at least 3 samples, got {len(features)}")
         labels = ctx.y.numpy() if ctx.y is not None else predicted
@@ -94,7 +97,11 @@ class Embedding(Analyzer):
                 kinds, codes = np.unique(values[rows].astype(str), return_inverse=True)
                 result.add_figure(f"{method}_{group}", scatter(points, codes, list(kinds), wrong[rows], f"{title} by {group}"))
 
-        result.metrics.update(samples=len(features), features=int(features.shape[1]), misclassified=int(wrong.sum()))
+        result.metrics.update(samples=len(features), features=int(features.shape[1]), misclassified=int(wrong.sum()),
+                              features_from=head.described)
+        if head.module is None:
+            result.warnings.append("projected from the logits: no layer of this model produces the class scores alone, so "
+                                   "its penultimate features are not reachable")
         if ctx.y is None:
             result.warnings.append("no labels: points are coloured by predicted class and errors cannot be marked")
         result.summary = (
@@ -104,21 +111,17 @@ class Embedding(Analyzer):
         return result
 
 
-@torch.no_grad()
-def penultimate(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """The input of the model's last nn.Linear for every sample, and the predicted classes."""
-    head = next((m for m in reversed(list(ctx.model.modules())) if isinstance(m, nn.Linear)), None)
+def penultimate(ctx: Context) -> tuple[np.ndarray, np.ndarray, Head]:
+    """The penultimate features of every sample, the predicted classes, and the head they were read at."""
+    head, features, logits = None, [], []
+    for _, xb in ctx.stream():
+        head = head or score_head(ctx.model, xb[:2].to(ctx.device))
+        lo, fe = logits_and_features(ctx.model, xb, ctx.device, len(xb), head=head)
+        features.append(fe)
+        logits.append(lo)
     if head is None:
-        raise XdlError("the embedding needs a model whose classifier head is an nn.Linear layer; this model has none")
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach().flatten(1).cpu()))
-    predicted = []
-    try:
-        for _, xb in ctx.stream():
-            predicted.append(ctx.model(xb).argmax(-1).cpu())
-    finally:
-        handle.remove()
-    return torch.cat(captured).float().numpy(), torch.cat(predicted).numpy()
+        raise XdlError("an embedding needs at least 3 samples, got 0")
+    return torch.cat(features).numpy(), torch.cat(logits).argmax(-1).numpy(), head
 
 
 def scatter(points: np.ndarray, codes: np.ndarray, names: list[str], marked: np.ndarray, title: str) -> "Figure":

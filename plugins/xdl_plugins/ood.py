@@ -27,6 +27,7 @@ from xdl.analysis import Analyzer, Context, Finding, Result
 from xdl.errors import XdlError
 from xdl.methods.quality import ood
 from xdl.methods.quality.features import logits_and_features
+from xdl.models.layers import score_head
 
 SCORES = {"msp": "maximum softmax probability", "energy": "energy", "mahalanobis": "Mahalanobis"}
 
@@ -67,11 +68,12 @@ class Ood(Analyzer):
                 raise XdlError(f"--data holds inputs of shape {list(outside.shape[1:])}, but this run's model takes "
                                f"{list(inside.shape[1:])}")
         desc = "features" if ctx.progress else None
-        _, train_features = logits_and_features(ctx.model, ctx.data.train.x, ctx.device, ctx.batch_size, desc)
+        head = score_head(ctx.model, inside[:2].to(ctx.device))
+        _, train_features = logits_and_features(ctx.model, ctx.data.train.x, ctx.device, ctx.batch_size, desc, head)
         mahalanobis = ood.Mahalanobis(train_features, ctx.data.train.y, ctx.num_classes)
         scores = {}
         for name, x in (("in", inside), ("out", outside)):
-            logits, features = logits_and_features(ctx.model, x, ctx.device, ctx.batch_size, desc)
+            logits, features = logits_and_features(ctx.model, x, ctx.device, ctx.batch_size, desc, head)
             scores[name] = {"msp": ood.msp(logits), "energy": ood.energy(logits, params.temperature),
                             "mahalanobis": mahalanobis.score(features)}
         auroc = {k: ood.auroc(scores["in"][k], scores["out"][k]) for k in SCORES}
@@ -80,7 +82,8 @@ class Ood(Analyzer):
 
         result = self.result(arrays={f"{k}_{side}": scores[side][k] for k in SCORES for side in ("in", "out")})
         result.metrics.update(auroc=auroc, fpr_at_95_tpr=fpr, best_score=best, best_auroc=auroc[best],
-                              in_samples=len(inside), out_samples=len(outside), out_data=origin)
+                              in_samples=len(inside), out_samples=len(outside), out_data=origin,
+                              features_from=head.described)
         result.tables["scores"] = [{"score": SCORES[k], "auroc": round(auroc[k], 5), "fpr_at_95_tpr": round(fpr[k], 5)}
                                    for k in SCORES]
         # The least familiar test samples: a test sample scoring like OOD inputs is worth a look.
@@ -92,6 +95,9 @@ class Ood(Analyzer):
         ]
         result.summary = (f"{SCORES[best]} separates {origin} from the test split best: AUROC {auroc[best]:.3f} "
                           f"(MSP {auroc['msp']:.3f}, energy {auroc['energy']:.3f}, Mahalanobis {auroc['mahalanobis']:.3f})")
+        if head.module is None:
+            result.warnings.append("Mahalanobis scored on the logits: no layer of this model produces the class scores "
+                                   "alone, so its penultimate features are not reachable (MSP and energy need only logits)")
         if ctx.other is None:
             result.warnings.append("no --data given: scored a synthetic set (test inputs scrambled); pass --data to score real inputs")
         result.add_figure("scores", _histograms(scores, auroc))

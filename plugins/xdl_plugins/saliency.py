@@ -26,6 +26,7 @@ from torch import nn
 from xdl.analysis.base import Analyzer, Context, Result, figures_wanted
 from xdl.errors import XdlError
 from xdl.limits import at_most, require_memory
+from xdl.models.inference import eval_mode
 
 # Methods that multiply the batch (IG steps, SmoothGrad noise draws, occlusion windows) run
 # at most this many batches' worth of examples per forward pass, so --batch-size bounds
@@ -248,6 +249,9 @@ class SmoothGrad(Attribution):
         )
 
 
+NO_SPATIAL_LAYER = "a model with no spatial layer (a conv map or ViT patch tokens) its class score depends on"
+
+
 @dataclass
 class GradCamParams:
     # A module name as in model.named_modules(); empty: found by a forward pass (the last
@@ -280,6 +284,19 @@ class GradCam(Attribution):
 
     def cmap(self, params) -> str:
         return "hot" if params.relu else "bwr"
+
+    @classmethod
+    def why_not(cls, ctx: Context) -> str:
+        # An MLP has no map to weigh: that is the architecture, not an error, so the audit lists
+        # Grad-CAM as not applicable rather than failed.
+        why = super().why_not(ctx)
+        if why or ctx.x is None or not len(ctx.x):
+            return why
+        device = next(ctx.model.parameters(), torch.empty(0)).device
+        with eval_mode(ctx.model):  # asked before running: no BatchNorm statistics may move
+            if any(f.has_gradient for f in spatial_layers(ctx.model, ctx.x[:1].to(device))):
+                return ""
+        return NO_SPATIAL_LAYER
 
     def run(self, ctx: Context, params) -> Result:
         found = spatial_layers(ctx.model, ctx.x[:1].to(ctx.device))
@@ -454,7 +471,7 @@ def pick_layer(model: nn.Module | None, found: list[SpatialLayer], name: str) ->
         return match[0]
     live = [f for f in found if f.has_gradient]
     if not live:
-        raise XdlError("gradcam needs a conv layer; this model has none")
+        raise XdlError(f"gradcam does not apply to {NO_SPATIAL_LAYER}")
     if live[-1].tokens:
         # pytorch-grad-cam's choice for ViT/DeiT/Swin: the last block's first norm (blocks[-1].norm1).
         norms = [f for f in live if f.tokens and f.is_norm]

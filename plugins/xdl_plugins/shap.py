@@ -145,7 +145,11 @@ def draw_background(ctx: Context, size: int, result: Result) -> torch.Tensor:
     if ctx.data is None:
         result.warnings.append("no training split (bare model): the explained samples serve as background")
     if size > len(pool):
-        raise XdlError(f"background={size} is larger than the training split ({len(pool)} samples)")
+        # The default must not fail a small data set (an audit of 24 photos); a size asked for must fit.
+        if size != ShapParams.background:
+            raise XdlError(f"background={size} is larger than the training split ({len(pool)} samples)")
+        result.warnings.append(f"background: all {len(pool)} training samples (fewer than the default {size})")
+        size = len(pool)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(ctx.seed))[:size]
     return pool[pick]
 

@@ -466,7 +466,7 @@ class Analyzer:
     Params: ClassVar[type] = NoParams
     samples: ClassVar[int | None] = 16
     applies_to: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
-    # What ``applies`` refuses beyond the data kind, for the error ("... does not apply to <this>").
+    # Why ``needs_xdl_training`` refuses an imported model, for the error ("... does not apply to <this>").
     inapplicable: ClassVar[str] = ""
     # Needs what only xdl's own training knows (its history, its recipe to retrain, which rows
     # trained the model): an imported model has none of it, so such an analyzer does not apply.
@@ -504,18 +504,20 @@ class Analyzer:
         return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
 
     @classmethod
-    def merge(cls, parts: list[Result], sizes: list[int]) -> Result:
-        """One Result from the per-share Results of a "samples" analyzer (``sizes[r]`` samples each,
-        rank order). The default concatenates per-sample arrays and averages metrics by sample
-        count (:func:`xdl.analysis.base.merge`); override it when a metric is a ratio over a subset."""
-        return merge(parts, sizes)
+    def why_not(cls, ctx: Context) -> str:
+        """Why this method cannot apply to ``ctx`` (its data kind, its model's architecture, a
+        model xdl did not train), or "" when it can. Decided before running, so ``xdl audit``
+        lists the method as not applicable, with this reason, rather than as failed. An
+        analyzer with an architectural precondition overrides this and calls ``super()``."""
+        if ctx.kind not in cls.applies_to:
+            return f"{ctx.kind} data"
+        if cls.needs_xdl_training and is_imported(ctx.run):
+            return cls.inapplicable or "an imported model: xdl did not train it"
+        return ""
 
     @classmethod
     def applies(cls, ctx: Context) -> bool:
-        if cls.needs_xdl_training:
-            if is_imported(ctx.run):
-                return False
-        return ctx.kind in cls.applies_to
+        return not cls.why_not(ctx)
 
     @classmethod
     def audit_params(cls, data_kind: str, eps: float) -> dict[str, str]:
@@ -541,8 +543,13 @@ class Analyzer:
         return Result(method=self.name, kind=self.kind, **fields)
 
 
-
-
+def refusal(analyzer: Analyzer | type[Analyzer], ctx: Context) -> str:
+    """Why ``analyzer`` does not apply to ``ctx``, "" when it does: its ``why_not``, or for a
+    plugin written against the older contract that overrides ``applies`` alone, that refusal."""
+    why = analyzer.why_not(ctx)
+    if not why and getattr(analyzer.applies, "__func__", None) is not Analyzer.applies.__func__ and not analyzer.applies(ctx):
+        why = analyzer.inapplicable or "this run"
+    return why
 
 
 def analyze(analyzer: Analyzer, ctx: Context, params: Any = None) -> Result:
@@ -552,8 +559,8 @@ def analyze(analyzer: Analyzer, ctx: Context, params: Any = None) -> Result:
     """
     if not isinstance(params, analyzer.Params):
         params = parse_params(analyzer.Params, params)
-    if not analyzer.applies(ctx):
-        why = analyzer.inapplicable if ctx.kind in analyzer.applies_to and analyzer.inapplicable else f"{ctx.kind} data"
+    why = refusal(analyzer, ctx)
+    if why:
         raise XdlError(f"{analyzer.kind} method {analyzer.name!r} does not apply to {why}")
     model = ctx.model
     original = next(model.parameters(), torch.empty(0)).device

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from xdl.analysis.base import Analyzer, Context, Finding, Result, is_number
+from xdl.analysis.base import Analyzer, Context, Finding, Result, is_number, refusal
 from xdl.analysis.registry import PluginInfo, discover, load_analyzer
 from xdl.analysis.runner import analyze, expected_provenance
 from xdl.auditing.pace import Pace
@@ -59,7 +59,7 @@ class Audit:
     run: Run
     sections: list[Section]
     findings: list[Finding]
-    not_applicable: list[str] = field(default_factory=list)
+    not_applicable: dict[str, str] = field(default_factory=dict)  # "kind/name": why it cannot apply
     settings: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     seconds: float = 0.0
@@ -206,21 +206,22 @@ def _check_options(samples: int | None, eps: float, budget: float, device: str) 
     resolve_device(device)  # a missing GPU is the user's error, before any analyzer fails on it
 
 
-def _plan(plugins: list[PluginInfo], probe: Context) -> tuple[list[tuple[PluginInfo, type[Analyzer] | None, tuple[str, str]]], list[str]]:
-    """Each analyzer's class (or why it would not load), and those that do not apply to this run."""
+def _plan(plugins: list[PluginInfo], probe: Context) -> tuple[list[tuple[PluginInfo, type[Analyzer] | None, tuple[str, str]]], dict[str, str]]:
+    """Each analyzer's class (or why it would not load), and those that do not apply to this
+    run, with the reason each gives (:func:`xdl.analysis.base.refusal`)."""
     planned: list[tuple[PluginInfo, type[Analyzer] | None, tuple[str, str]]] = []
-    not_applicable = []
+    not_applicable = {}
     for info in plugins:
         try:
             cls = load_analyzer(info.kind, info.name)
-            applies = cls.applies(probe)
+            why = refusal(cls, probe)
         except Exception as exc:  # a broken plugin is a failed section; the others still run
             planned.append((info, None, _failure(exc)))
             continue
-        if applies:
-            planned.append((info, cls, ("", "")))
+        if why:
+            not_applicable[f"{info.kind}/{info.name}"] = why
         else:
-            not_applicable.append(f"{info.kind}/{info.name}")
+            planned.append((info, cls, ("", "")))
     return planned, not_applicable
 
 
@@ -277,17 +278,13 @@ def _attack_choice(plugins: list[PluginInfo], audit_attack: str | None, only: li
 
 
 def _probe(run: Run) -> Context:
-    """A Context over the whole test split, for ``Analyzer.applies`` (which may inspect model or data)."""
+    """A Context over the whole test split, for ``Analyzer.why_not`` (which may inspect model or data)."""
     data = run.data
     test = data.test
     return Context(
         model=run.model, x=test.x, y=test.y, kind=data.kind, class_names=data.class_names,
         feature_names=data.feature_names, encoding=data.encoding, groups=test.groups, data=data, run=run,
     )
-
-
-
-
 
 
 def _run_one(run: Run, info: PluginInfo, cls: type[Analyzer], *, samples: int | None, recompute: bool, eps: float,

@@ -28,10 +28,10 @@ from torch import nn
 from xdl.data import DATASETS, FORMATS, load_data
 from xdl.data.types import DataSplits
 from xdl.errors import XdlError
-from xdl.io import CLAIM, atomic_path, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
+from xdl.io import CLAIM, atomic_write, CSV_LINE_END, csv_safe, read_json, write_json
 from xdl.models.builders import build_model
 from xdl.models.imported import is_imported, load_model
-from xdl.models.weights import WEIGHTS, check_finite_weights, load_weights, save_weights
+from xdl.models.weights import WEIGHTS, load_weights, save_weights
 from xdl.runs import checkpoint
 from xdl.runs.provenance import STREAMED_DIGEST, splits_digest
 from xdl.runs.schema import check_run_info
