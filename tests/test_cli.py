@@ -245,6 +245,9 @@ def cases(w: dict[str, Path]) -> list[tuple[str, str, list]]:
     add("audit", "--eps 0", "audit", w["run"], "--eps", "0")
     add("audit", "--only unknown analyzer", "audit", w["run"], "--only", "nothing-at-all")
     add("audit", "--device bogus", "audit", w["run"], "--device", "bogus")
+    add("compare", "a single run", "compare", w["run"], "--out", r / "compared")
+    add("compare", "a folder that is not a run", "compare", w["run"], r, "--out", r / "compared")
+    add("compare", "the same run twice", "compare", w["run"], w["run"], "--out", r / "compared")
     add("info", "extra argument", "info", w["run"], "surplus")
 
     # analyzer arguments on a good run

@@ -24,6 +24,7 @@ _EXPORTS = {
     "attack": "xdl.api",
     "report": "xdl.api",
     "audit": "xdl.api",
+    "compare": "xdl.api",
     "import_model": "xdl.api",
     "Run": "xdl.runs.run",
     "TrainConfig": "xdl.training.config",

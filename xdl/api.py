@@ -9,12 +9,13 @@ from torch import nn
 from xdl.analysis.registry import DEFAULT_METHOD
 from xdl.analysis.runner import analyze
 from xdl.auditing.audit import audit as run_audit
+from xdl.auditing.compare import compare as run_compare
 from xdl.errors import XdlError
 from xdl.runs.run import Run
 from xdl.training.importing import import_model
 from xdl.training.pipeline import train
 
-__all__ = ["analyze", "attack", "audit", "explain", "import_model", "load", "report", "train"]
+__all__ = ["analyze", "attack", "audit", "compare", "explain", "import_model", "load", "report", "train"]
 
 
 def load(path: str | Path, trust_code: bool = False) -> Run:
@@ -56,6 +57,19 @@ def audit(source: "Run | str | Path | nn.Module", data=None, out: str | Path | N
     if isinstance(source, nn.Module):
         source = _import_live(source, data, out, options)
     return run_audit(source, **options)
+
+
+def compare(runs: list[Run | str | Path], out: str | Path, **options):
+    """Compare two or more runs on the same data; write OUT/compare.html and OUT/compare.json.
+
+    >>> side_by_side = xdl.compare(["runs/plain", "runs/robust"], out="compare")   # doctest: +SKIP
+    >>> side_by_side.html_path                                                     # doctest: +SKIP
+
+    Runs without an audit are audited first; options (only, skip, samples, eps, audit_attack,
+    budget, recompute, device, progress, trust_code) are those of :func:`xdl.auditing.compare.compare`;
+    the ``xdl compare`` command calls this.
+    """
+    return run_compare(runs, out, **options)
 
 
 def _import_live(model: nn.Module, data, out, options: dict) -> Run:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 
 from xdl.methods import robust
@@ -153,6 +154,14 @@ class _Attack(Analyzer):
         level = "warn" if is_number(clean) and value < clean / 2 else "info"
         return [Finding(f"Robust accuracy ({result.method.upper()}, eps {eps:g})", f"{value:.1%}", detail,
                         f"{result.kind}/{result.method}", level, cls.help)]
+
+    @classmethod
+    def outcomes(cls, result: Result) -> dict[str, np.ndarray]:
+        """Each sample right (1) or wrong (0) under the attack, behind the robust-accuracy finding (the first)."""
+        found, arrays = cls.findings(result), result.arrays
+        if not found or "predictions" not in arrays or "labels" not in arrays:
+            return {}
+        return {found[0].label: (arrays["predictions"] == arrays["labels"]).astype(np.float64)}
 
     @classmethod
     def merge(cls, parts: list[Result], sizes: list[int]) -> Result:

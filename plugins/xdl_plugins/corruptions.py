@@ -58,6 +58,8 @@ class Corruptions(Analyzer):
         types = list(dict.fromkeys(params.types))
         severities = sorted(set(params.severities))
         right = torch.zeros(len(types), len(severities), dtype=torch.long)
+        # Per sample, how many of the corrupted copies it survives: paired across runs by xdl compare.
+        survived = torch.zeros(len(labels), dtype=torch.long)
         g = torch.Generator().manual_seed(ctx.seed)
         with torch.no_grad():
             for s in ctx.batches(desc="corruptions"):
@@ -65,7 +67,9 @@ class Corruptions(Analyzer):
                 for i, kind in enumerate(types):
                     for j, severity in enumerate(severities):
                         out = corruptions.corrupt(xb, kind, severity, g)
-                        right[i, j] += int((ctx.model(out).argmax(1) == yb).sum())
+                        hit = (ctx.model(out).argmax(1) == yb).cpu()
+                        right[i, j] += int(hit.sum())
+                        survived[s] += hit.long()
         n = max(len(labels), 1)
         accuracy = right.double() / n
         rows = [{"corruption": kind, "severity": sev, "accuracy": float(accuracy[i, j])}
@@ -82,10 +86,17 @@ class Corruptions(Analyzer):
             "samples": len(labels),
         }
         result.tables["corruptions"] = rows
+        result.arrays["survived_share"] = (survived.double() / max(len(types) * len(severities), 1)).numpy()
         result.summary = (f"mean corruption accuracy {accuracy.mean():.1%} over {len(types)} types × {len(severities)} "
                           f"severities (clean {clean_accuracy:.1%}); worst: {worst} {per_type[worst]:.1%}")
         result.add_figure("heatmap", _heatmap(accuracy, types, severities))
         return result
+
+    @classmethod
+    def outcomes(cls, result: Result) -> dict:
+        """Each sample's share of corrupted copies classified right: their mean is the mean corruption accuracy."""
+        found, share = cls.findings(result), result.arrays.get("survived_share")
+        return {found[0].label: share} if found and share is not None else {}
 
     @classmethod
     def findings(cls, result: Result) -> list[Finding]:

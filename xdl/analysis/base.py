@@ -504,6 +504,22 @@ class Analyzer:
         return found if found is not None and tuple(found.shape) == tuple(x.shape) else None
 
     @classmethod
+    def outcomes(cls, result: Result) -> dict[str, np.ndarray]:
+        """Per-sample outcomes behind this result's findings, by finding label: one value per sample of
+        ``result.provenance["indices"]``, in that order, whose mean is the finding's number (1/0 for
+        right/wrong). ``xdl compare`` pairs them across runs for intervals and McNemar's test; a
+        finding without one is compared without an interval. Read from ``result.arrays`` (load
+        the result with ``arrays=True``); none by default."""
+        return {}
+
+    @classmethod
+    def merge(cls, parts: list[Result], sizes: list[int]) -> Result:
+        """One Result from the per-share Results of a "samples" analyzer (``sizes[r]`` samples each,
+        rank order). The default concatenates per-sample arrays and averages metrics by sample
+        count (:func:`xdl.analysis.base.merge`); override it when a metric is a ratio over a subset."""
+        return merge(parts, sizes)
+
+    @classmethod
     def why_not(cls, ctx: Context) -> str:
         """Why this method cannot apply to ``ctx`` (its data kind, its model's architecture, a
         model xdl did not train), or "" when it can. Decided before running, so ``xdl audit``

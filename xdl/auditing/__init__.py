@@ -1,4 +1,4 @@
-"""The audit: every analyzer that applies to a run, its findings, one page.
+"""The audit: every analyzer that applies to a run, its findings, one page; and comparing audited runs.
 
 Imports: everything below it (xdl.analysis, xdl.render, xdl.runs …). Not named ``audit``: a
 subpackage ``xdl.audit`` would replace the function ``xdl.audit`` on the package once imported.
@@ -12,6 +12,7 @@ _EXPORTS = {
     "audit": "xdl.auditing.audit",
     "Audit": "xdl.auditing.audit",
     "headline_attacks": "xdl.auditing.audit",
+    "Comparison": "xdl.auditing.compare",
 }
 
 __all__ = sorted(_EXPORTS)

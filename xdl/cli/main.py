@@ -19,6 +19,7 @@ COMMANDS = {
     "attack": ("xdl.cli.analyze:attack", "Attack a run's model (FGSM, PGD, eps sweeps)."),
     "report": ("xdl.cli.analyze:report", "Report on a run's health (bias, overfitting, calibration)."),
     "audit": ("xdl.cli.audit:command", "Run every analyzer on a run and write one HTML audit."),
+    "compare": ("xdl.cli.compare:command", "Compare audited runs on the same data, with paired intervals."),
     "plugins": ("xdl.cli.plugins:command", "List the registered analyzers."),
     "info": ("xdl.cli.info:command", "Print a run's configuration, metrics and compute card."),
 }
@@ -42,7 +43,7 @@ class LazyGroup(click.Group):
 # Where each topic is written up; the pages live in the source tree's docs/ folder.
 DOCS = """\b
 Documentation (docs/ beside README.md):
-  training.md  data.md  import.md  audit.md  explanations.md  robustness.md
+  training.md  data.md  import.md  audit.md  compare.md  explanations.md  robustness.md
   reports.md  privacy.md  data-quality.md  plugins.md  scale.md  security.md
   python.md  benchmarks.md  architecture.md
 """
@@ -59,6 +60,7 @@ def cli() -> None:
     xdl attack RUN --eps 0.1        FGSM by default, PGD, eps sweeps
     xdl report RUN --method bias    bias | overfit | calibration
     xdl audit RUN                   everything, one self-contained HTML page
+    xdl compare RUN_A RUN_B --out D two runs' audits side by side, with intervals
     """
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 TEMPLATES = Path(__file__).parent / "templates"
 TABLE_ROWS = 12  # rows shown per table; the row count says how many the CSV beside the result holds
 LIST_ITEMS = 8  # a longer list shows its first items and its length
+LISTED = 20  # sample indices a comparison lists per set of samples one run gets right and another wrong
 
 
 def render_audit(audit: "Audit") -> str:
@@ -32,13 +33,13 @@ def render_audit(audit: "Audit") -> str:
     return _environment().get_template("audit.html").render(audit=audit, header=audit.header(), table_rows=TABLE_ROWS)
 
 
-def render_blocks(blocks: list[tuple[str, dict]]) -> str:
-    """Named blocks of the audit page, each with its own variables: the same HTML, no page around it.
+def render_blocks(blocks: list[tuple[str, dict]], page: str = "audit.html") -> str:
+    """Named blocks of a page (the audit's by default), each with its own variables: the same HTML, no page around it.
 
-    Notebooks show a Result or an Audit inline this way (``_repr_html_``), so a section
-    reads the same in Jupyter as in audit.html.
+    Notebooks show a Result, an Audit or a comparison inline this way (``_repr_html_``), so a
+    section reads the same in Jupyter as in audit.html.
     """
-    template = _environment().get_template("audit.html")
+    template = _environment().get_template(page)
     parts = []
     for name, values in blocks:
         context = template.new_context({"table_rows": TABLE_ROWS, **values})
@@ -58,6 +59,21 @@ def render_inline(audit: "Audit") -> str:
     head = f'<p class="meta">Audit of <code>{escape(audit.run.name)}</code> · the page: {escape(str(audit.html_path))}</p>'
     blocks = [("findings", {"audit": audit})] + [("section", {"s": s}) for s in audit.sections]
     return head + render_blocks(blocks)
+
+
+def render_compare(comparison: Any) -> str:
+    """The comparison page (``xdl compare``) as one string of HTML, in the audit page's look."""
+    return _environment().get_template("compare.html").render(c=comparison, listed=LISTED, table_rows=TABLE_ROWS)
+
+
+def render_compare_inline(comparison: Any) -> str:
+    """A comparison's tables without the page's header and styles (for notebooks)."""
+    from html import escape
+
+    head = (f'<p class="meta">Comparison of {escape(", ".join(comparison.names))} · the page: '
+            f'{escape(str(comparison.html_path))}</p>')
+    names = ["summary", "classes", "attacks"]
+    return head + render_blocks([(name, {"c": comparison, "listed": LISTED}) for name in names], "compare.html")
 
 
 @lru_cache(maxsize=1)
