@@ -5,14 +5,16 @@ Two families, both scored so that a higher score means "more likely a member":
 - **Threshold attacks on the model alone** (Yeom et al. 2018, "Privacy Risk in Machine
   Learning"): a training record tends to have a lower loss, a higher true-class confidence
   and a lower prediction entropy than a record the model never saw.
-- **LiRA, offline** (Carlini et al. 2022, "Membership Inference Attacks From First
-  Principles"): reference ("shadow") models trained the way the run was trained, on random
-  halves of a population the run never trained on, show how confident a model is on each
-  record when the record is *out* of its training set. The record's logit-scaled confidence
-  φ = log(p_y / (1 − p_y)) under those models is close to Gaussian; the target model's φ far
-  above that Gaussian's mean is evidence of membership. Offline LiRA has only OUT models,
-  so the test is one-sided: the score is Φ((φ − μ_out) / σ_out), reported as the z-score
-  inside it (the same order, and finite at the extremes).
+- **LiRA** (Carlini et al. 2022, "Membership Inference Attacks From First Principles"):
+  reference ("shadow") models trained the way the run was trained, on random halves of a
+  population, show how confident a model is on each record when the record is *in* its
+  training set and when it is *out*. The record's logit-scaled confidence
+  φ = log(p_y / (1 − p_y)) under those models is close to Gaussian on each side.
+  *Online* LiRA puts the target records in the population, so each is IN about half the
+  reference models and OUT of the others, and scores the likelihood ratio
+  log N(φ; μ_in, σ_in) − log N(φ; μ_out, σ_out) of the target model's φ. *Offline* LiRA has
+  only OUT models, so the test is one-sided: the score is Φ((φ − μ_out) / σ_out), reported as
+  the z-score inside it (the same order, and finite at the extremes).
 
 Reference models are cached as safetensors beside a JSON that records what they were
 trained from and the weights' digest, so a second report reuses them without retraining.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,50 +83,94 @@ def threshold_scores(target: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, Any]:
-    """ROC AUC, the best balanced accuracy over thresholds, and TPR at low FPRs.
+    """ROC AUC, the best balanced accuracy over thresholds, and TPR at low FPRs, each with a
+    95% bootstrap interval.
 
-    Each TPR@FPR says how many non-members stand behind it: at FPR f with n non-members,
-    at most ⌊f·n⌋ of them may be flagged; when that is 0 the figure only says how many
-    members score above every non-member, and is marked as not meaningful.
+    At FPR f with n non-members at most ⌊f·n⌋ of them may be flagged. When that is 0 the rate
+    cannot be resolved: 1/n is the lowest FPR this many non-members can show, and a TPR
+    "at" a lower one would only count the members scored above every non-member, so it is
+    reported as None (``meaningful`` False), not as a number.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    is_member = np.asarray(is_member, dtype=bool)
-    # Every threshold: dropping "intermediate" collinear points would lose exact TPR@FPR corners.
+    scores, is_member = np.asarray(scores, dtype=np.float64), np.asarray(is_member, dtype=bool)
+    # Every threshold, as before: the best balanced accuracy is read off the same corners.
     fpr, tpr, _ = roc_curve(is_member, scores, drop_intermediate=False)
     negatives, positives = int((~is_member).sum()), int(is_member.sum())
+    statistics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"auc": lambda s, m: roc_auc_score(m, s)}
     low = {}
     for rate in LOW_FPRS:
         allowed = math.floor(rate * negatives + 1e-9)
         low[f"{rate:g}"] = {
-            "tpr": float(tpr[fpr <= rate].max()),
+            "tpr": tpr_at_fpr(scores, is_member, rate) if allowed else None,
             "false_positives_allowed": allowed,
             "non_members": negatives,
             "meaningful": allowed >= 1,
         }
+        if allowed:
+            statistics[f"{rate:g}"] = lambda s, m, rate=rate: tpr_at_fpr(s, m, rate)
+    intervals = bootstrap_intervals(scores, is_member, statistics)
     return {
         "auc": float(roc_auc_score(is_member, scores)),
-        "auc_ci95": auc_interval(scores, is_member),
+        "auc_ci95": intervals.pop("auc"),
         "balanced_accuracy": float(((tpr + 1 - fpr) / 2).max()),
         "tpr_at_fpr": low,
+        # Beside tpr_at_fpr rather than inside it, so each rate's entry keeps its saved shape.
+        "tpr_at_fpr_ci95": {f"{rate:g}": intervals.get(f"{rate:g}") for rate in LOW_FPRS},
+        "lowest_fpr": 1 / negatives if negatives else None,
         "members": positives,
         "non_members": negatives,
     }
 
 
-def auc_interval(scores: np.ndarray, is_member: np.ndarray, resamples: int = 200, seed: int = 0) -> list[float]:
-    """A 95% bootstrap interval of the ROC AUC: members and non-members resampled separately,
-    so every resample keeps the balance. A few hundred records per side leave an AUC of 0.5
-    uncertain by about ±0.05, which a bar such as "AUC ≤ 0.55" must be read against."""
-    from sklearn.metrics import roc_auc_score
+def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, rate: float) -> float:
+    """The highest TPR of a threshold that flags at most ⌊rate·n⌋ of the n non-members.
 
+    With k allowed, any threshold above the (k+1)-th highest non-member score s qualifies,
+    and the lowest such one flags exactly the members scored above s: the ROC curve's corner,
+    read without building the curve (the bootstrap asks for it hundreds of times).
+    """
+    scores, is_member = np.asarray(scores, dtype=np.float64), np.asarray(is_member, dtype=bool)
+    outside, inside = scores[~is_member], scores[is_member]
+    allowed = math.floor(rate * len(outside) + 1e-9)
+    if allowed >= len(outside):
+        return 1.0
+    bar = -np.partition(-outside, allowed)[allowed]
+    return float((inside > bar).mean())
+
+
+def bootstrap_intervals(
+    scores: np.ndarray,
+    is_member: np.ndarray,
+    statistics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+    resamples: int = 200,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """95% bootstrap intervals of ``statistic(scores, is_member)`` for each named statistic.
+
+    Members and non-members are resampled separately, so every resample keeps the balance
+    (and the count of non-members a low-FPR rate rests on); every statistic is computed on
+    the same resamples. A percentile interval: the 2.5% and 97.5% quantiles.
+    """
     scores, is_member = np.asarray(scores, dtype=np.float64), np.asarray(is_member, dtype=bool)
     inside, outside = np.flatnonzero(is_member), np.flatnonzero(~is_member)
     rng = np.random.default_rng(seed)
     labels = np.r_[np.ones(len(inside), bool), np.zeros(len(outside), bool)]
-    aucs = [roc_auc_score(labels, scores[np.r_[rng.choice(inside, len(inside)), rng.choice(outside, len(outside))]])
-            for _ in range(resamples)]
-    return [float(q) for q in np.quantile(aucs, [0.025, 0.975])]
+    values: dict[str, list[float]] = {name: [] for name in statistics}
+    for _ in range(resamples):
+        drawn = scores[np.r_[rng.choice(inside, len(inside)), rng.choice(outside, len(outside))]]
+        for name, statistic in statistics.items():
+            values[name].append(statistic(drawn, labels))
+    return {name: [float(q) for q in np.quantile(v, [0.025, 0.975])] for name, v in values.items()}
+
+
+def auc_interval(scores: np.ndarray, is_member: np.ndarray, resamples: int = 200, seed: int = 0) -> list[float]:
+    """A 95% bootstrap interval of the ROC AUC (:func:`bootstrap_intervals`). A few hundred
+    records per side leave an AUC of 0.5 uncertain by about ±0.05, which a bar such as
+    "AUC ≤ 0.55" must be read against."""
+    from sklearn.metrics import roc_auc_score
+
+    return bootstrap_intervals(scores, is_member, {"auc": lambda s, m: roc_auc_score(m, s)}, resamples, seed)["auc"]
 
 
 def roc_points(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,41 +181,69 @@ def roc_points(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, n
 
 
 # -----------------------------------------------------------------------------------------
-# Offline LiRA
+# LiRA, online and offline
 # -----------------------------------------------------------------------------------------
+
+# Online LiRA fits a Gaussian on each side of every record: two IN and two OUT models at least.
+ONLINE_MIN_REFERENCES = 4
 
 
 def half_assignment(k: int, n: int, seed: int) -> np.ndarray:
     """K×N booleans: which population records train which reference model.
 
     Every record is IN exactly ⌊K/2⌋ models (Carlini et al.'s balanced split), so every
-    record has OUT models to fit its Gaussian on.
+    record has OUT models to fit its Gaussian on, and IN ones too from K = 2.
     """
     rng = np.random.default_rng(seed)
     return np.argsort(rng.random((k, n)), axis=0) < k // 2
 
 
-def lira_offline(target_phi: np.ndarray, shadow_phi: np.ndarray, out: np.ndarray, variance: str = "global") -> np.ndarray:
-    """The one-sided offline-LiRA z-score per example (higher = member).
+def gaussians(shadow_phi: np.ndarray, side: np.ndarray, variance: str = "global", name: str = "OUT") -> tuple[np.ndarray, np.ndarray]:
+    """Per example, the mean and standard deviation of φ over the reference models in ``side``.
 
-    ``shadow_phi`` and ``out`` are K×N: each reference model's φ on each example and whether
-    the example was outside that model's training half. μ is fitted per example on its OUT
-    models; σ per example too, or — with few reference models, where per-example variances
-    are noisy — one pooled σ (Carlini et al. 2022, §VI-A, "fixed variance").
+    ``shadow_phi`` and ``side`` are K×N. σ is fitted per example too, or — with few reference
+    models, where per-example variances are noisy — one σ pooled over every example's
+    residuals (Carlini et al. 2022, §VI-A, "fixed variance", advised below ~64 models).
     """
-    counts = out.sum(0)
+    counts = side.sum(0)
     if (counts < 1).any():
-        raise XdlError("offline LiRA needs at least one reference model that did not train on each example")
-    mu = np.where(out, shadow_phi, 0.0).sum(0) / counts
-    residual = np.where(out, shadow_phi - mu, 0.0)
+        raise XdlError(f"LiRA needs at least one {name} reference model for each example")
+    mu = np.where(side, shadow_phi, 0.0).sum(0) / counts
+    squares = (np.where(side, shadow_phi - mu, 0.0) ** 2).sum(0)
     if variance == "per-example":
         if (counts < 2).any():
-            raise XdlError("per-example variances need at least two OUT reference models per example; use variance=global")
-        sigma = np.sqrt((residual**2).sum(0) / (counts - 1))
+            raise XdlError(f"per-example variances need at least two {name} reference models per example; use variance=global")
+        sigma = np.sqrt(squares / (counts - 1))
     else:
-        dof = max(int(counts.sum() - len(counts)), 1)
-        sigma = np.full(len(counts), math.sqrt((residual**2).sum() / dof))
-    return (target_phi - mu) / np.maximum(sigma, 1e-6)
+        dof = max(int(counts.sum() - len(counts)), 1)  # one mean fitted per example
+        sigma = np.full(len(counts), math.sqrt(squares.sum() / dof))
+    return mu, np.maximum(sigma, 1e-6)
+
+
+def lira_offline(target_phi: np.ndarray, shadow_phi: np.ndarray, out: np.ndarray, variance: str = "global") -> np.ndarray:
+    """The one-sided offline-LiRA z-score (φ − μ_out) / σ_out per example (higher = member).
+
+    ``shadow_phi`` and ``out`` are K×N: each reference model's φ on each example and whether
+    the example was outside that model's training half.
+    """
+    mu, sigma = gaussians(shadow_phi, out, variance, "OUT")
+    return (target_phi - mu) / sigma
+
+
+def lira_online(target_phi: np.ndarray, shadow_phi: np.ndarray, inside: np.ndarray, variance: str = "global") -> np.ndarray:
+    """The online-LiRA log-likelihood ratio log N(φ; μ_in, σ_in) − log N(φ; μ_out, σ_out) per
+    example (higher = member); ``inside`` (K×N) says which reference models trained on it.
+
+    Each side has its own σ (a global one per side with ``variance="global"``, as the paper's
+    fixed-variance variant): a memorized record's IN φ is tight, its OUT φ spread out, and
+    that difference is evidence too. Written out rather than through scipy.stats.norm: the
+    1/√(2π) of both densities cancels.
+    """
+    mu_in, sd_in = gaussians(shadow_phi, inside, variance, "IN")
+    mu_out, sd_out = gaussians(shadow_phi, ~inside, variance, "OUT")
+    log_in = -0.5 * ((target_phi - mu_in) / sd_in) ** 2 - np.log(sd_in)
+    log_out = -0.5 * ((target_phi - mu_out) / sd_out) ** 2 - np.log(sd_out)
+    return log_in - log_out
 
 
 def _digest(obj: Any) -> str:
@@ -222,7 +297,9 @@ def reference_models(
         half = DataSplits(population.subset(members), population.subset(outside), population.subset(outside),
                           data.kind, data.class_names, data.spec, data.feature_names, data.encoding)
         model_seed = int(train_cfg.get("seed", 0)) + 1000 * (seed + 1) + k
+        started = time.perf_counter()
         net = retrain(model_cfg, {**train_cfg, "seed": model_seed, "device": str(device)}, half, model_seed).eval()
+        seconds = time.perf_counter() - started
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             save_weights(net, weights)
@@ -231,8 +308,9 @@ def reference_models(
                               "population": population_id, "index": k, "count": count, "seed": seed,
                               "trained_on": members.tolist()})
         models.append(net.to(device))
+        # Seconds per model are what ``references`` is sized by: the cost of LiRA is N of them.
         records.append({"model": k, "key": key, "reused": False, "trained_on": int(keep[k].sum()),
-                        "file": str(weights) if weights else None})
+                        "file": str(weights) if weights else None, "seconds": round(seconds, 2)})
         if progress:
             progress(1)
     return models, keep, records
