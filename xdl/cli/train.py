@@ -34,6 +34,9 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--early-stopping", type=int, default=0, show_default=True, help="patience in epochs (0: off)")
 @click.option("--augment", callback=csv_strs, help="comma list of shift, rotate, flip, noise, cutout")
 @click.option("--mixup", type=float, default=0.0, show_default=True, help="mixup Beta(α, α); 0: off")
+@click.option("--noise-sigma", type=float, default=0.0, show_default=True,
+              help="add unclamped Gaussian noise of this std (input units) to every training input, "
+                   "for randomized smoothing (xdl report --method certify); 0: off")
 @click.option("--adv-train", default="none", show_default=True, metavar="none|fgsm|pgd",
               help="train on adversarial batches: fgsm (random start, Wong et al. 2020) or pgd (Madry et al. 2018)")
 @click.option("--adv-eps", type=float, default=0.1, show_default=True, help="attack radius (L∞) for --adv-train, in input units")

@@ -47,6 +47,9 @@ class TrainConfig:
     noise: float = 0.05  # Gaussian noise std, in input units
     cutout: float = 0.25  # cutout square side, as a fraction of the image size
     mixup: float = 0.0  # Beta(α, α) mixing; 0 = off
+    # Gaussian noise std added to every training input, unclamped, in input units: the noise randomized
+    # smoothing certifies with (Cohen et al. 2019 train at the σ they certify at); 0 = off
+    noise_sigma: float = 0.0
     adv_train: str = "none"  # none | fgsm (random start, Wong et al. 2020) | pgd (Madry et al. 2018)
     adv_eps: float = 0.1  # L∞ radius of the training attack, in input units (pixels in [0, 1])
     adv_steps: int = 10  # PGD steps, each 2.5·eps/steps
@@ -72,7 +75,7 @@ class TrainConfig:
             raise XdlError(f"lr must be > 0 and finite, got {self.lr}")
         if self.batch_size <= 0:
             raise XdlError(f"batch size must be > 0, got {self.batch_size}")
-        for name in ("weight_decay", "l1", "grad_clip", "early_stopping", "mixup", "noise"):
+        for name in ("weight_decay", "l1", "grad_clip", "early_stopping", "mixup", "noise", "noise_sigma"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise XdlError(f"{name.replace('_', '-')} must be ≥ 0 and finite, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:

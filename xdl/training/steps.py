@@ -49,6 +49,10 @@ def augment(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
         x = x + cfg.noise * torch.randn_like(x)
         if x.dim() == 4:  # images stay in their valid range; tabular rows are unbounded
             x = x.clamp(0, 1)
+    if cfg.noise_sigma:
+        # Not clamped, unlike "noise" above: the smoothed classifier feeds the model x + N(0, σ²)
+        # as it is, and the model must have seen that distribution (Cohen et al. 2019, sec. 4).
+        x = x + cfg.noise_sigma * torch.randn_like(x)
     return x
 
 
