@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pickle
 import random
@@ -35,8 +36,8 @@ from xdl.models.builders import build_model, load_user_weights, model_config
 from xdl.runs import checkpoint
 from xdl.runs.run import Run
 from xdl.training.coguard import CatastrophicOverfitGuard
-from xdl.training.config import MAX_EPOCHS, MIN_EPOCHS, TrainConfig, epoch_budget
-from xdl.training.steps import TrainingDiverged
+from xdl.training.config import DECAY_FRACTION, IMAGE_AUGMENT, PATIENCE, TrainConfig
+from xdl.training.steps import PlateauSchedule, TrainingDiverged
 
 # -----------------------------------------------------------------------------------------
 # core
@@ -192,18 +193,62 @@ def test_forced_result_replaces_the_whole_folder(tmp_path):
 # -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("samples, epochs", [(1_293, 6), (3_600, 2), (8_000, MIN_EPOCHS), (60_000, MIN_EPOCHS), (50, MAX_EPOCHS)])
-def test_the_default_epoch_count_is_a_budget_of_samples(samples, epochs):
-    assert epoch_budget(samples) == epochs
-    assert TrainConfig().for_samples(samples).epochs == epochs
-    assert TrainConfig(epochs=3).for_samples(samples).epochs == 3  # an explicit count is kept
+def test_the_plateau_schedule_warms_up_holds_decays_to_zero_and_survives_json():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = PlateauSchedule(opt, steps_per_epoch=4)
+    rates = []
+    for _ in range(10):  # warm-up over the first epoch, then the peak held
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(0.04) and rates[:4] == sorted(rates[:4]) and rates[4:] == [1.0] * 6
+    assert not sched.decaying
+    sched.decay(2, "plateau")  # two epochs of four steps: 1 - k/8 after k steps
+    state = json.loads(json.dumps(sched.state_dict()))  # a checkpoint keeps it as JSON
+    again = PlateauSchedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), steps_per_epoch=4)
+    again.load_state_dict(state)
+    for k in range(1, 9):
+        for s_ in (sched, again):
+            s_.optimizer.step()
+            s_.step()
+        assert sched.optimizer.param_groups[0]["lr"] == again.optimizer.param_groups[0]["lr"] == pytest.approx(1 - k / 8)
+        assert sched.finished == again.finished == (k == 8)
+    assert again.why == "plateau"
 
 
-def test_a_run_records_the_epochs_it_was_given(tmp_path):
-    run = xdl.train("digits", "mlp", tmp_path / "run", quiet=True, data_options={"limit": 120},
-                    model_options={"hidden": [8]})
-    train = len(run.history)
-    assert run.info["train"]["epochs"] == train == epoch_budget(run.info["dataset"]["sizes"]["train"])
+def test_without_epochs_training_stops_at_the_validation_plateau_and_says_why(tmp_path):
+    run = xdl.train("digits", "mlp", tmp_path / "run", quiet=True, data_options={"limit": 300},
+                    model_options={"hidden": [16]}, batch_size=32)
+    history, stopped = run.history, run.info["stopped"]
+    assert run.info["train"]["epochs"] is None  # the count was the plateau's, not a setting
+    val = [float(row["val_loss"]) for row in history]
+    # The decay began PATIENCE epochs after the best validation loss up to then, and lasted
+    # DECAY_FRACTION of the epochs before it; the rate ends at zero.
+    began = next(e for e in range(PATIENCE + 1, len(val) + 1) if e - 1 - min(range(e), key=val.__getitem__) >= PATIENCE)
+    assert len(history) == began + math.ceil(DECAY_FRACTION * began)
+    assert float(history[-1]["lr"]) == 0.0
+    best = min(range(len(val)), key=val.__getitem__) + 1
+    assert f"since epoch {min(range(began), key=val.__getitem__) + 1}" in stopped and f"weights of epoch {best}" in stopped
+    assert [row["epoch"] for row in history if row.get("best")] == [best]
+    fixed = xdl.train("digits", "mlp", tmp_path / "fixed", quiet=True, epochs=3, data_options={"limit": 300},
+                      model_options={"hidden": [16]})
+    assert len(fixed.history) == 3 and fixed.info["stopped"] == "ran the 3 epochs --epochs asked for"
+
+
+def test_images_get_small_shifts_by_default_and_tables_none():
+    assert TrainConfig().for_data("image").augment == IMAGE_AUGMENT
+    assert TrainConfig().for_data("tabular").augment == []
+    assert TrainConfig(augment=[]).for_data("image").augment == []  # a choice, even "none", is kept
+    assert TrainConfig(dp_epsilon=3.0).for_data("image").augment == []  # DP's measured recipe has none
+
+
+def test_augment_none_on_the_command_line_turns_the_default_off(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--augment", "none", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert Run(tmp_path / "a").info["train"]["augment"] == []
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", tmp_path / "b")
+    assert code == 0, err
+    assert Run(tmp_path / "b").info["train"]["augment"] == IMAGE_AUGMENT  # digits are images, whatever the model
 
 # -----------------------------------------------------------------------------------------
 # coguard
@@ -512,3 +557,26 @@ def test_results_are_never_silently_overwritten(digits_run, tmp_path):
     assert forced.path == first.path
     assert xdl.Result.load(first.path, arrays=True).arrays["attributions"].shape[0] == 3
     assert sorted(run.results("explain")) == ["explain/saliency", "explain/saliency-2"]
+
+
+def test_a_plateau_run_resumed_mid_decay_ends_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    options = {"quiet": True, "data_options": {"limit": 300}, "model_options": {"hidden": [16]}, "batch_size": 32}
+    reference = xdl.train("digits", "mlp", tmp_path / "reference", **options)
+    decay_began = next(e for e, row in enumerate(reference.history, 1) if e < len(reference.history)
+                       and float(reference.history[e]["lr"]) < float(row["lr"]) and e > 1)
+    original = checkpoint.save
+
+    def save_then_crash(folder, epoch, *args):
+        original(folder, epoch, *args)
+        if epoch == decay_began + 1:  # the schedule's decay is part of what the checkpoint must carry
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            xdl.train("digits", "mlp", tmp_path / "resumed", **options)
+    resumed = xdl.train(out=tmp_path / "resumed", resume=True, quiet=True)
+    assert resumed.info["stopped"] == reference.info["stopped"]
+    assert len(resumed.history) == len(reference.history)
+    a, b = load_file(tmp_path / "reference" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

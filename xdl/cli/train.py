@@ -22,7 +22,7 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--activation", help="relu | gelu | tanh | silu | elu")
 @click.option("--dropout", type=float, help="dropout probability in [0, 1)")
 @click.option("--batch-norm/--no-batch-norm", default=None)
-@click.option("--epochs", type=int, default=None, help="default: about 8,000 training samples' worth, 2-15 epochs (6 on digits); 10 with --dp-epsilon")
+@click.option("--epochs", type=int, default=None, help="default: until the validation loss stops improving (then the rate decays to zero); 10 with --dp-epsilon")
 @click.option("--batch-size", type=int, help="default 128; 256 with --dp-epsilon")
 @click.option("--lr", type=float, help="peak learning rate; default 0.003, 0.01 with --dp-epsilon")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adamw", show_default=True)
@@ -32,7 +32,7 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=0.0, show_default=True, help="max gradient norm (0: off)")
 @click.option("--early-stopping", type=int, default=0, show_default=True, help="patience in epochs (0: off)")
-@click.option("--augment", callback=csv_strs, help="comma list of shift, rotate, flip, noise, cutout")
+@click.option("--augment", callback=csv_strs, help="comma list of shift, rotate, flip, noise, cutout, or none (default: shift for images, none for tables)")
 @click.option("--mixup", type=float, default=0.0, show_default=True, help="mixup Beta(α, α); 0: off")
 @click.option("--noise-sigma", type=float, default=0.0, show_default=True,
               help="add unclamped Gaussian noise of this std (input units) to every training input, "
@@ -65,7 +65,8 @@ def command(data, data_dir, target, sensitive, limit, input_size, color, model, 
                     "input_size": input_size, "channels": {"gray": 1, "rgb": 3}.get(color)}
     model_options = {"hidden": hidden, "channels": channels, "activation": activation,
                      "dropout": dropout, "batch_norm": batch_norm}
-    train_options["augment"] = train_options["augment"] or []
+    if train_options["augment"] == ["none"]:
+        train_options["augment"] = []
     if resume and out and out != resume:
         raise click.BadParameter("--resume RUN continues RUN in place; leave out --out", param_hint="--resume")
     run = train(data, model, resume or out, force=force, quiet=quiet, data_options=data_options,

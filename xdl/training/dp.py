@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from xdl.device import seed_everything
 from xdl.errors import XdlError
 from xdl.models.builders import opacus_module
 from xdl.training import distributed
+from xdl.training.config import DEFAULTS
 from xdl.training.metrics import evaluate
 from xdl.training.steps import TrainingDiverged, _optimizer, _progress, _scheduler, augment, early_stopping
 
@@ -68,6 +70,8 @@ def fit_private(
 ) -> list[dict]:
     """DP-SGD in place on ``model`` (already made compatible); one history row per epoch."""
     _check_private(data, cfg, resume)
+    if cfg.epochs is None:  # the accountant sets the noise for a known number of epochs: no plateau to wait for
+        cfg = replace(cfg, epochs=DEFAULTS["epochs"])
     device = distributed.local_device(cfg.device, distributed.current())
     seed_everything(cfg.seed)
     model.to(device)
@@ -104,9 +108,12 @@ def fit_private(
                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  ε {epsilon:.3f}")
             # Choosing the epoch on validation data spends no privacy of the training records.
             if cfg.early_stopping:
-                best, stop = early_stopping(best, val["loss"], epoch, model, cfg.early_stopping, log)
-                if stop:
+                best, stopped = early_stopping(best, val["loss"], epoch, model, cfg.early_stopping, log)
+                if stopped:
+                    row["stopped"] = stopped
                     break
+        else:
+            row["stopped"] = f"ran the {cfg.epochs} epochs of the privacy budget's schedule"
     finally:
         quiet.__exit__(None, None, None)
         module.cleanup()  # the caller's model keeps no Opacus hooks or per-record gradients

@@ -27,10 +27,11 @@ from xdl.models.builders import build_model, set_normalization
 from xdl.runs import checkpoint
 from xdl.training import distributed
 from xdl.training.coguard import CatastrophicOverfitGuard
-from xdl.training.config import TrainConfig
+from xdl.training.config import DECAY_FRACTION, MAX_EPOCHS, PATIENCE, TrainConfig
 from xdl.training.dp import fit_private
 from xdl.training.metrics import evaluate
-from xdl.training.steps import Logger, TrainingDiverged, _l1, _optimizer, _progress, _scheduler, augment, early_stopping
+from xdl.training.steps import (Logger, PlateauSchedule, TrainingDiverged, _l1, _optimizer, _progress, _scheduler, augment,
+                                early_stopping, keep_best)
 
 PROBE_MIN = 256  # training samples evaluated clean each epoch, at least (else as many as validation has)
 
@@ -94,7 +95,7 @@ class _Loop:
         probe = data.train.subset(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:probe_size].sort().values)
         steps_per_epoch = distributed.steps_per_epoch(n, cfg.batch_size, world)
         opt = _optimizer(model, cfg)
-        sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+        sched = PlateauSchedule(opt, steps_per_epoch) if cfg.epochs is None else _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
         adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device, fgsm_step=cfg.adv_step)
         # FGSM training can collapse to ~0% PGD accuracy within an epoch (Wong et al. 2020).
         guard = CatastrophicOverfitGuard(data, cfg.adv_eps, device, seed=cfg.seed) if cfg.adv_train == "fgsm" else None
@@ -123,7 +124,7 @@ class _Loop:
         total_loss = torch.zeros((), device=device)
         total_correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad = torch.zeros((), device=device, dtype=torch.long)  # 1-based step of the first NaN/inf loss
-        bar = _progress(self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
+        bar = _progress(self.steps_per_epoch, f"epoch {epoch}{self.of}", progress)
         shards = [distributed.shard_batch(order[step * cfg.batch_size : (step + 1) * cfg.batch_size], self.world)
                   for step in range(self.steps_per_epoch)]
         decoded = self.loader.epoch([idx for idx, _ in shards]) if self.streamed else None
@@ -195,14 +196,38 @@ class _Loop:
             row["pgd_accuracy"] = self.guard.measure(self.model)
         return row
 
-    def stop(self, epoch: int, row: dict, best: tuple | None, log: Logger) -> tuple[tuple | None, bool]:
-        """The best (validation loss, epoch, weights) to restore, and whether training stops here."""
+    @property
+    def of(self) -> str:
+        """The "/N" of an epoch's label when the count is fixed; a plateau run has no N in advance."""
+        return "" if self.cfg.epochs is None else f"/{self.cfg.epochs}"
+
+    def stop(self, epoch: int, row: dict, best: tuple | None, log: Logger) -> tuple[tuple | None, str | None]:
+        """The best (validation loss, epoch, weights) to restore, and why training stops here (else None)."""
         if self.guard is not None and self.guard.update(self.model, epoch, row["pgd_accuracy"]):
             log(self.guard.message)
-            return (math.nan, self.guard.best_epoch, self.guard.best_state), True
+            return (math.nan, self.guard.best_epoch, self.guard.best_state), self.guard.message
+        if self.cfg.epochs is None:
+            return self.plateau(epoch, row["val_loss"], best, log)
         if self.cfg.early_stopping:
-            return early_stopping(best, row["val_loss"], epoch, self.model, self.cfg.early_stopping, log)
-        return best, False
+            best, why = early_stopping(best, row["val_loss"], epoch, self.model, self.cfg.early_stopping, log)
+            if why:
+                return best, why
+        return best, (f"ran the {epoch} epochs --epochs asked for" if epoch == self.cfg.epochs else None)
+
+    def plateau(self, epoch: int, val_loss: float, best: tuple | None, log: Logger) -> tuple[tuple, str | None]:
+        """Without --epochs: hold the peak rate until the validation loss plateaus, then decay and stop."""
+        best = keep_best(best, val_loss, epoch, self.model)
+        sched, patience = self.sched, self.cfg.early_stopping or PATIENCE
+        if sched.finished:
+            started = sched.decay_from // self.steps_per_epoch
+            return best, (f"{sched.why}; the learning rate then decayed to zero over epochs {started + 1}-{epoch}, "
+                          f"and the weights of epoch {best[1]} (lowest validation loss) are kept")
+        if not sched.decaying and (epoch - best[1] >= patience or epoch >= MAX_EPOCHS):
+            why = (f"the validation loss had not improved for {patience} epochs since epoch {best[1]}"
+                   if epoch - best[1] >= patience else f"the cap of {MAX_EPOCHS} epochs at the peak rate was reached")
+            sched.decay(math.ceil(DECAY_FRACTION * epoch), why)
+            log(f"{why}: decaying the learning rate to zero over {math.ceil(DECAY_FRACTION * epoch)} epochs")
+        return best, None
 
 
 # -----------------------------------------------------------------------------------------
@@ -226,30 +251,31 @@ def fit(
     A NaN or infinite loss raises :class:`TrainingDiverged`, leaving the last good checkpoint.
     """
     log = log or (lambda line: print(line, file=sys.stderr))
-    cfg = cfg.for_samples(len(data.train.y))
+    cfg = cfg.for_data(data.kind)
     if cfg.dp_epsilon is not None:  # DP-SGD samples, clips and noises its own way: xdl.training.dp's loop
         return fit_private(model, data, cfg, log, progress, checkpoint_dir, resume)
     loop = _Loop.start(model, data, cfg)
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
-    done = 0
+    epoch = 0
     if resume:
-        done, history, best = checkpoint.restore(checkpoint_dir, model, loop.opt, loop.sched, loop.scaler, loop.generator)
-        log(f"resuming after epoch {done}/{cfg.epochs} from {checkpoint_dir}")
-    for epoch in range(done + 1, cfg.epochs + 1):
+        epoch, history, best = checkpoint.restore(checkpoint_dir, model, loop.opt, loop.sched, loop.scaler, loop.generator)
+        log(f"resuming after epoch {epoch}{loop.of} from {checkpoint_dir}")
+    stopped = None
+    while stopped is None:
+        epoch += 1
         start = time.perf_counter()
         loss_sum, correct_sum = loop.epoch(epoch, progress, checkpoint_dir)
         row = loop.row(epoch, loss_sum, correct_sum, start)
         history.append(row)
         log(
-            f"epoch {epoch:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
+            f"epoch {epoch:>3}{loop.of}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  {len(loop.y_train) / row['seconds']:,.0f} samples/s"
         )
-        best, stop = loop.stop(epoch, row, best, log)
-        if stop:
-            break
-        if checkpoint_dir is not None and loop.world.main:
+        best, stopped = loop.stop(epoch, row, best, log)
+        if stopped is None and checkpoint_dir is not None and loop.world.main:
             checkpoint.save(checkpoint_dir, epoch, model, loop.opt, loop.sched, loop.scaler, loop.generator, history, best)
+    row["stopped"] = stopped
     if best is not None:
         model.load_state_dict(best[2])
         history[best[1] - 1]["best"] = True

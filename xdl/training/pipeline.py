@@ -25,7 +25,7 @@ from xdl.runs.run import Run, check_train_out, clear_run, new_run_path, save_run
 from xdl.runs.schema import check_model, check_model_memory
 from xdl.training import distributed
 from xdl.training.compute import compute_card, reset_peak_memory
-from xdl.training.config import DEFAULTS, SAMPLE_BUDGET, TrainConfig, config_dict
+from xdl.training.config import DEFAULTS, TrainConfig, config_dict
 from xdl.training.dp import choose_model, describe_defaults
 from xdl.training.loop import fit
 from xdl.training.metrics import final_metrics
@@ -79,10 +79,9 @@ def train(
         line = describe_defaults(model, dp_chosen)
         if line:
             log(line)
-    if cfg.epochs is None:
-        cfg = cfg.for_samples(len(splits.train.y))
-        log(f"epochs: {cfg.epochs} (the default budget of about {SAMPLE_BUDGET:,} samples for "
-            f"{len(splits.train.y):,} training samples; --epochs sets it)")
+    cfg = cfg.for_data(splits.kind)  # run.json records the augmentation the run had, chosen or default
+    if cfg.epochs is None and cfg.dp_epsilon is None:
+        log("epochs: until the validation loss stops improving (--epochs N fixes the count)")
     net, mcfg = _build(model, model_options, splits, cfg, log)
     if not resume:
         if init_weights is not None:
@@ -100,7 +99,7 @@ def train(
         return None
     if force:
         clear_run(out)
-    run = save_run(out, net.cpu(), splits, mcfg, config_dict(cfg), history, metrics, extra={"compute": card})
+    run = save_run(out, net.cpu(), splits, mcfg, config_dict(cfg), history, metrics, extra={"compute": card, "stopped": history[-1]["stopped"]})
     log(
         f"test accuracy {metrics['test_accuracy']:.4f} after {len(history)} epochs in {metrics['train_seconds']:.1f}s; "
         f"run saved to {out}"

@@ -64,6 +64,43 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class PlateauSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Warm-up, then the peak rate until :meth:`decay` is called, then a linear decay to zero.
+
+    The warmup–stable–decay shape (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    beyond Fixed Training Durations") matches a one-cycle run of the same length without fixing
+    that length in advance: the loop calls :meth:`decay` once the validation loss plateaus. Its
+    state is plain numbers, so a checkpoint's JSON holds it and ``--resume`` continues it.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.decay_from: int | None = None  # the step the decay started at
+        self.decay_steps = 0
+        self.why = ""  # why the decay began, for the reason training stopped
+        super().__init__(opt)
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        if self.decay_from is not None:
+            scale = max(0.0, 1 - (step - self.decay_from) / self.decay_steps)
+        else:  # one epoch from peak/25 up to the peak, as one-cycle starts
+            scale = min(1.0, 0.04 + 0.96 * step / self.steps_per_epoch)
+        return [base * scale for base in self.base_lrs]
+
+    def decay(self, epochs: int, why: str) -> None:
+        """Start decaying now, reaching zero after ``epochs`` more epochs."""
+        self.decay_from, self.decay_steps, self.why = self.last_epoch, max(1, epochs) * self.steps_per_epoch, why
+
+    @property
+    def decaying(self) -> bool:
+        return self.decay_from is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.decaying and self.last_epoch >= self.decay_from + self.decay_steps
+
+
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     # One-cycle needs at least a step in each of its phases (PyTorch divides by their
     # lengths); with a handful of steps in all, a cosine decay does the same job.
@@ -98,15 +135,23 @@ class TrainingDiverged(XdlError):
         self.epoch, self.step = epoch, step
 
 
-def early_stopping(best: tuple | None, val_loss: float, epoch: int, model: nn.Module, patience: int,
-                   log: Logger) -> tuple[tuple, bool]:
-    """The best (validation loss, epoch, weights) so far, and whether ``patience`` epochs passed without a better one."""
+def keep_best(best: tuple | None, val_loss: float, epoch: int, model: nn.Module) -> tuple:
+    """The best (validation loss, epoch, weights) so far, this epoch's if its validation loss is lower."""
     if best is None or val_loss < best[0]:
-        return (val_loss, epoch, copy.deepcopy(model.state_dict())), False
+        return val_loss, epoch, copy.deepcopy(model.state_dict())
+    return best
+
+
+def early_stopping(best: tuple | None, val_loss: float, epoch: int, model: nn.Module, patience: int,
+                   log: Logger) -> tuple[tuple, str | None]:
+    """The best (validation loss, epoch, weights) so far, and why training stops when ``patience``
+    epochs passed without a better one (else None)."""
+    best = keep_best(best, val_loss, epoch, model)
     if epoch - best[1] >= patience:
-        log(f"early stopping: validation loss has not improved since epoch {best[1]}")
-        return best, True
-    return best, False
+        why = f"early stopping: the validation loss had not improved for {patience} epochs since epoch {best[1]}"
+        log(why)
+        return best, why
+    return best, None
 
 
 def _progress(total: int, desc: str, enabled: bool):
