@@ -28,16 +28,20 @@ else:
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
-    """A small CNN trained for a few epochs on digits (image data, 8×8, 10 classes)."""
+    """A small CNN trained for a few epochs on digits (image data, 8×8, 10 classes).
+
+    Without augmentation: the thresholds of the tests that share it (duplicates' feature
+    cosine, saliency agreement) were set on this model, and the default shift has tests of its own."""
     out = tmp_path_factory.mktemp("runs") / "cnn"
-    return xdl.train("digits", "cnn", out, epochs=4, quiet=True, model_options={"channels": [8, 16], "hidden": 32})
+    return xdl.train("digits", "cnn", out, epochs=4, augment=[], quiet=True,
+                     model_options={"channels": [8, 16], "hidden": 32})
 
 
 @pytest.fixture(scope="session")
 def mlp_run(tmp_path_factory):
     """A small MLP on digits: image data without conv layers (gradcam must refuse it)."""
     out = tmp_path_factory.mktemp("runs") / "mlp"
-    return xdl.train("digits", "mlp", out, epochs=4, quiet=True, model_options={"hidden": [32]})
+    return xdl.train("digits", "mlp", out, epochs=4, augment=[], quiet=True, model_options={"hidden": [32]})
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
