@@ -10,6 +10,7 @@ sweep; the last eps is the headline, and the one the checks run at.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -106,7 +107,7 @@ class Apgd(_Attack):
     def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
         if params.loss == "dlr" and ctx.num_classes < 3:
             raise XdlError("the DLR loss needs at least 3 classes; use loss=ce")
-        return autoattack.apgd(ctx.model, x, y, eps, steps=params.steps, restarts=params.restarts, loss=params.loss,
+        return autoattack.apgd(ctx.fast_model(), x, y, eps, steps=params.steps, restarts=params.restarts, loss=params.loss,
                                norm=params.norm, input_range=ctx.input_range, mask=mask)
 
     def label(self, params) -> str:
@@ -127,7 +128,7 @@ class Square(_Attack):
     sharding: ClassVar[str] = "samples"
 
     def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
-        return autoattack.square(ctx.model, x, y, eps, queries=params.queries, norm=params.norm, input_range=ctx.input_range)
+        return autoattack.square(ctx.fast_model(), x, y, eps, queries=params.queries, norm=params.norm, input_range=ctx.input_range)
 
     def label(self, params) -> str:
         return f"Square-{params.queries} {_norm(params)}"
@@ -155,7 +156,7 @@ class AutoAttack(_Attack):
 
     def perturb(self, ctx, x, y, eps, params, mask, first_grad=None):
         adv, broken_by = autoattack.autoattack(
-            ctx.model, x, y, eps, norm=params.norm, steps=params.steps, restarts=params.restarts,
+            ctx.fast_model(), x, y, eps, norm=params.norm, steps=params.steps, restarts=params.restarts,
             targets=params.targets, queries=params.queries, input_range=ctx.input_range, mask=mask,
         )
         self._broken.append(broken_by.cpu())
@@ -166,7 +167,9 @@ class AutoAttack(_Attack):
 
     def run(self, ctx: Context, params) -> Result:
         self._broken: list[torch.Tensor] = []
+        start = time.perf_counter()
         result = super().run(ctx, params)
+        seconds = {"attacks": time.perf_counter() - start}
         # perturb ran batch by batch for each eps in turn: the last len(x) records are the headline eps.
         broken_by = torch.cat(self._broken)[-len(ctx.x):] if self._broken else torch.empty(0, dtype=torch.long)
         result.arrays["broken_by"] = broken_by.numpy()
@@ -180,11 +183,13 @@ class AutoAttack(_Attack):
             mask = None
             if ctx.kind == "tabular" and ctx.encoding is not None:
                 mask = torch.as_tensor(ctx.encoding.numeric_mask(), dtype=torch.float32)
+            start = time.perf_counter()
             rows = masking.run_checks(
-                ctx.model, ctx.x, labels, params.sweep[-1], norm=params.norm, input_range=ctx.input_range, mask=mask,
+                ctx.fast_model(), ctx.x, labels, params.sweep[-1], norm=params.norm, input_range=ctx.input_range, mask=mask,
                 broken_by=broken_by if params.queries > 0 else None, steps=params.steps, restarts=params.restarts,
                 batch_size=ctx.batch_size, device=ctx.device,
             )
+            seconds["masking checks"] = time.perf_counter() - start
             failed = masking.failed(rows)
             result.tables["masking_checks"] = rows
             result.metrics["masking_checks_failed"] = failed
@@ -194,6 +199,10 @@ class AutoAttack(_Attack):
                 result.warnings.append(f"gradient-masking checks failed: {', '.join(failed)}; the evaluation may be unreliable")
             else:
                 result.summary += f"; all {result.metrics['masking_checks_run']} gradient-masking checks passed"
+        # What the evaluation and what the checks cost, apart: a table, not metrics, which two
+        # runs with one seed must give alike.
+        result.tables["seconds"] = [{"part": k, "seconds": round(v, 3)} for k, v in seconds.items()]
+        result.summary += " (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ")"
         return result
 
     @classmethod
