@@ -360,6 +360,10 @@ def test_autoattack_analyzer_result_and_findings(digits_run):
     assert sum(m["broken_by"].values()) == pytest.approx(1.0)
     assert m["broken_by"]["robust"] == pytest.approx(m["robust_accuracy"])
     assert len(result.tables["masking_checks"]) == 7
+    # What the evaluation and what the checks cost, apart, and in the summary a user reads.
+    seconds = {r["part"]: r["seconds"] for r in result.tables["seconds"]}
+    assert seconds.keys() == {"attacks", "masking checks"} and all(v > 0 for v in seconds.values())
+    assert f"masking checks {seconds['masking checks']:.1f} s" in result.summary
     from xdl_plugins.autoattack import AutoAttack
 
     found = AutoAttack.findings(result)

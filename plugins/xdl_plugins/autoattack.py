@@ -202,7 +202,7 @@ class AutoAttack(_Attack):
         # What the evaluation and what the checks cost, apart: a table, not metrics, which two
         # runs with one seed must give alike.
         result.tables["seconds"] = [{"part": k, "seconds": round(v, 3)} for k, v in seconds.items()]
-        result.summary += " (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ")"
+        result.summary += " (" + ", ".join(f"{r['part']} {r['seconds']:.1f} s" for r in result.tables["seconds"]) + ")"
         return result
 
     @classmethod
