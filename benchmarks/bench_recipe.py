@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_mnist import DEFAULT, write_real_mnist  # noqa: E402
+from real_mnist import DEFAULT, command_line, write_real_mnist  # noqa: E402
 
 LOOP_CAP = 15  # epochs after which the loop gives up on reaching xdl's accuracy
 SEED_EPOCHS, SEED_HIDDEN = 5, 128
@@ -174,12 +174,4 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat instead of two")
-    parser.add_argument("--mnist-dir", default=str(DEFAULT), help="folder with the digits5k IDX files")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
-    for row in main(args.quick, Path(args.mnist_dir), args.repeats):
-        print(json.dumps(row))
+    command_line(main, __doc__)

@@ -7,6 +7,7 @@ Benchmarks only: the product and the tests never read ``shared/``.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +30,17 @@ def write_real_mnist(out: Path, train: int = 4000, source: Path = DEFAULT) -> Pa
             (out / f"{prefix}-{kind}.gz").write_bytes(gzip.compress(bytes(head) + part))
     return out
 
+
+
+def command_line(main: Callable[..., list[dict]], doc: str) -> None:
+    """Run a benchmark's ``main(quick, mnist_dir, repeats)`` from the shell, a JSON row per line."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat instead of two")
+    parser.add_argument("--mnist-dir", default=str(DEFAULT), help="folder with the digits5k IDX files")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    for row in main(args.quick, Path(args.mnist_dir), args.repeats):
+        print(json.dumps(row))
