@@ -22,12 +22,11 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_mnist import DEFAULT, command_line, write_real_mnist  # noqa: E402
+from real_mnist import DEFAULT, command_line, timed, write_real_mnist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_ROUND = "73d5f08"
@@ -58,16 +57,6 @@ def first_round(folder: Path) -> Path:
     return python
 
 
-def timed(command: list[str], env: dict, cwd: Path) -> float:
-    """Wall seconds of one process, run outside the repository: ``python -m`` puts its working
-    folder first on sys.path, where this checkout's xdl would shadow the first round's."""
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command[:4])} failed: {done.stderr.strip()[-800:]}")
-    return time.perf_counter() - start
-
-
 def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = None) -> list[dict]:
     repeats = repeats or (1 if quick else 2)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -76,7 +65,9 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
         tmp = Path(tmp)
         data = write_real_mnist(tmp / "mnist", train=4000, source=Path(mnist_dir))
         sides = {"xdl": Path(sys.executable), "first round": first_round(tmp)}
-        work = tmp / "work"  # an empty working folder: nothing in it can shadow a package
+        # An empty working folder: ``python -m`` puts it first on sys.path, where a folder named
+        # xdl (this checkout, or a run) would shadow the first round's package.
+        work = tmp / "work"
         work.mkdir()
         runs = {}
         for name, python in sides.items():
@@ -88,7 +79,7 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
         for _ in range(repeats):
             for name, python in sides.items():
                 seconds[name].append(timed([str(python), "-m", "xdl", "audit", str(runs[name]), "--only", ANALYZERS,
-                                            "--recompute", "--quiet"], env, work))
+                                            "--recompute", "--quiet"], env, work)[0])
                 audit = json.loads((runs[name] / "audit.json").read_text())
                 failed = [s for s in audit.get("sections", []) if s.get("status") == "failed"]
                 if failed:  # a section that failed took no time: the comparison would be void

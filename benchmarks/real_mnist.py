@@ -1,5 +1,6 @@
 """The 5,000 real MNIST digits shipped beside the repo (``../shared/data/mnist``), as a folder
-xdl's MNIST loader reads: the first ``train`` digits as the training files, the rest as t10k.
+xdl's MNIST loader reads: the first ``train`` digits as the training files, the rest as t10k;
+and what the benchmarks that time whole processes on them share.
 
 Benchmarks only: the product and the tests never read ``shared/``.
 """
@@ -7,6 +8,9 @@ Benchmarks only: the product and the tests never read ``shared/``.
 from __future__ import annotations
 
 import gzip
+import resource
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +34,18 @@ def write_real_mnist(out: Path, train: int = 4000, source: Path = DEFAULT) -> Pa
             (out / f"{prefix}-{kind}.gz").write_bytes(gzip.compress(bytes(head) + part))
     return out
 
+
+
+def timed(command: list[str], env: dict, cwd: Path | None = None) -> tuple[float, float, str]:
+    """Wall and CPU seconds (user + system, all threads) of one child process, and its stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command[:4])} failed: {done.stderr.strip()[-800:]}")
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout
 
 
 def command_line(main: Callable[..., list[dict]], doc: str) -> None:

@@ -223,11 +223,13 @@ class _Loop:
             started = sched.decay_from // self.steps_per_epoch
             return best, (f"{sched.why}; the learning rate then decayed to zero over epochs {started + 1}-{epoch}, "
                           f"and the weights of epoch {best[1]} (lowest validation loss) are kept")
-        if not sched.decaying and (epoch - best[1] >= patience or epoch >= MAX_EPOCHS):
+        stalled = epoch - best[1] >= patience
+        if not sched.decaying and (stalled or epoch >= MAX_EPOCHS):
             why = (f"the validation loss had not improved for {patience} epochs since epoch {best[1]}"
-                   if epoch - best[1] >= patience else f"the cap of {MAX_EPOCHS} epochs at the peak rate was reached")
-            sched.decay(math.ceil(DECAY_FRACTION * epoch), why)
-            log(f"{why}: decaying the learning rate to zero over {math.ceil(DECAY_FRACTION * epoch)} epochs")
+                   if stalled else f"the cap of {MAX_EPOCHS} epochs at the peak rate was reached")
+            decay_epochs = math.ceil(DECAY_FRACTION * epoch)
+            sched.decay(decay_epochs, why)
+            log(f"{why}: decaying the learning rate to zero over {decay_epochs} epochs")
         return best, None
 
 
