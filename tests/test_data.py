@@ -465,6 +465,18 @@ def test_csv_encoding_imputation_and_groups(tmp_path):
     assert "sex=f" in s2.feature_names and "sex" in s2.train.groups
 
 
+def test_csv_constant_column_is_centred_not_blown_up():
+    from xdl.data.csv import encode_frame, fit_encoding
+
+    # 0.1 repeated has a float64 std of 1.4e-17; standardizing by it sent a test value of 0.2 to ~7e15.
+    train = pd.DataFrame({"c": [0.1] * 1000, "v": np.arange(1000.0)})
+    encoding = fit_encoding(train, ["c", "v"])
+    assert encoding.columns[0].std == 1.0 and encoding.columns[1].std == pytest.approx(np.arange(1000.0).std())
+    encoded = encode_frame(pd.DataFrame({"c": [0.1, 0.2], "v": [0.0, 999.0]}), encoding)
+    np.testing.assert_allclose(encoded[:, 0], [0.0, 0.1], atol=1e-12)
+    np.testing.assert_allclose(encoded[:, 1], [-1.7303, 1.7303], atol=1e-4)
+
+
 def test_csv_errors(tmp_path):
     path = tmp_path / "d.csv"
     frame = _frame()

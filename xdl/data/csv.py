@@ -74,7 +74,10 @@ def fit_encoding(train: pd.DataFrame, columns: list[str]) -> Encoding:
             filled = values.fillna(median)
             mean = float(filled.mean()) if len(filled) else 0.0
             std = float(filled.std(ddof=0)) if len(filled) else 1.0
-            if not np.isfinite(std) or std == 0.0:
+            # A constant column's std is rounding noise (0.1 repeated has std 1.4e-17, not 0), and
+            # dividing by it would turn any other value into ~1e16: below float64's relative
+            # precision of its mean, a column counts as constant and is only centred.
+            if not np.isfinite(std) or std <= 1e-12 * abs(mean):
                 std = 1.0
             encoded.append(ColumnEncoding(name, "numeric", mean=mean, std=std, fill=median, missing=missing))
         else:
