@@ -216,6 +216,21 @@ def test_the_plateau_schedule_warms_up_holds_decays_to_zero_and_survives_json():
     assert again.why == "plateau"
 
 
+def test_evaluate_gives_the_standard_error_of_the_mean_loss():
+    from xdl.data.types import Split
+    from xdl.training.metrics import evaluate
+
+    # Logits are the inputs themselves, so each row's loss is log(1 + e^(other - own)) by hand.
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 0, 0, 1])
+    own, other = x[torch.arange(5), y], x[torch.arange(5), 1 - y]
+    losses = torch.log1p(torch.exp(other - own)).double()
+    result = evaluate(nn.Identity(), Split(x, y), torch.device("cpu"), batch_size=2)  # three batches summed
+    assert result["loss"] == pytest.approx(float(losses.mean()))
+    assert result["loss_se"] == pytest.approx(float(losses.std(unbiased=False)) / math.sqrt(5))
+    assert result["accuracy"] == pytest.approx(3 / 5)  # the tie of row 3 goes to class 0, its label
+
+
 def test_without_epochs_training_stops_at_the_validation_plateau_and_says_why(tmp_path):
     run = xdl.train("digits", "mlp", tmp_path / "run", quiet=True, data_options={"limit": 300},
                     model_options={"hidden": [16]}, batch_size=32)
@@ -227,9 +242,16 @@ def test_without_epochs_training_stops_at_the_validation_plateau_and_says_why(tm
     began = next(e for e in range(PATIENCE + 1, len(val) + 1) if e - 1 - min(range(e), key=val.__getitem__) >= PATIENCE)
     assert len(history) == began + math.ceil(DECAY_FRACTION * began)
     assert float(history[-1]["lr"]) == 0.0
-    best = min(range(len(val)), key=val.__getitem__) + 1
-    assert f"since epoch {min(range(began), key=val.__getitem__) + 1}" in stopped and f"weights of epoch {best}" in stopped
-    assert [row["epoch"] for row in history if row.get("best")] == [best]
+    assert f"since epoch {min(range(began), key=val.__getitem__) + 1}" in stopped
+    # The annealed last weights are kept unless an earlier epoch's validation loss was lower by
+    # more than the last one's standard error.
+    lowest = min(range(len(val)), key=val.__getitem__) + 1
+    se = float(history[-1]["val_loss_se"])
+    kept = lowest if val[lowest - 1] < val[-1] - se else len(val)
+    assert se > 0 and (f"weights of epoch {kept} are kept" in stopped if kept != len(val) else "the last epoch's weights are kept" in stopped)
+    assert [row["epoch"] for row in history if row.get("best")] == [kept]
+    # The weights in the saved run are the kept epoch's: their validation loss is that epoch's.
+    assert run.info["metrics"]["val_loss"] == pytest.approx(val[kept - 1], rel=1e-5)
     fixed = xdl.train("digits", "mlp", tmp_path / "fixed", quiet=True, epochs=3, data_options={"limit": 300},
                       model_options={"hidden": [16]})
     assert len(fixed.history) == 3 and fixed.info["stopped"] == "ran the 3 epochs --epochs asked for"
