@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_mnist import timed  # noqa: E402
 
 BAR_SECONDS = 120.0
 QUICK_ONLY = "saliency,fgsm,pgd,calibration"
@@ -33,13 +33,8 @@ def row(workload: str, mine: float, baseline: float, target: str, met: bool) -> 
 
 def timed_audit(run: Path, args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall and CPU seconds (user + sys, all threads) of one ``xdl audit`` process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "xdl", "audit", str(run), "--recompute", "-q", *args],
-                   check=True, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall, cpu, _ = timed([sys.executable, "-m", "xdl", "audit", str(run), "--recompute", "-q", *args], {**os.environ, **env})
+    return wall, cpu
 
 
 def main(quick: bool = False) -> list[dict]:

@@ -17,28 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_mnist import DEFAULT, write_real_mnist  # noqa: E402
+from real_mnist import DEFAULT, timed, write_real_mnist  # noqa: E402
 
 BAR_RATIO = 1.2
 QUICK_AUDIT = ["--only", "autoattack,saliency,calibration", "--samples", "64"]
-
-
-def timed(command: list[str], env: dict[str, str], check: bool = True) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Wall and CPU seconds (user + sys, all threads) of one process, and what it printed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=check)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done
 
 
 def xdl(*args: str) -> list[str]:

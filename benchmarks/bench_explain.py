@@ -37,16 +37,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from real_mnist import timed  # noqa: E402
 ROOT = HERE.parent
 IMAGES, BACKGROUND, IG_BATCH = 100, 100, 1024
 
@@ -123,7 +123,6 @@ def library(kind: str, work: Path, options: dict) -> None:
 
 def prepare(work: Path, data_dir: Path, n: int) -> None:
     """MNIST files from the real digits, the default CNN trained on them, the images saved."""
-    sys.path.insert(0, str(HERE))
     from mnist_like import _write_idx
 
     from xdl.data.idx import read_idx
@@ -155,19 +154,6 @@ def prepare(work: Path, data_dir: Path, n: int) -> None:
     np.save(work / "x.npy", x.numpy())
     np.save(work / "targets.npy", targets.numpy())
     (work / "seed").write_text(str(run.seed))
-
-
-def timed(command: list[str]) -> dict:
-    """Wall and CPU seconds (user + system, all threads) of one whole process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command[:4])}... failed:\n{done.stderr[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "load": os.getloadavg()[0]}
 
 
 def xdl_command(work: Path, method: str, n: int, params: list[str], figures: bool = False) -> list[str]:
@@ -207,7 +193,8 @@ def measure(sides: dict[str, list[str]], repeats: int) -> dict[str, dict]:
     seen: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(repeats):
         for name, command in sides.items():
-            seen[name].append(timed(command))
+            wall, cpu, _ = timed(command)
+            seen[name].append({"wall": wall, "cpu": cpu, "load": os.getloadavg()[0]})
             t = seen[name][-1]
             print(f"  repeat {r + 1} {name}: wall {t['wall']:.1f}s cpu {t['cpu']:.1f}s ({load()})", file=sys.stderr)
     return {name: {k: float(np.median([t[k] for t in times])) for k in ("wall", "cpu", "load")} for name, times in seen.items()}

@@ -134,13 +134,13 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
             cnn.append(xdl_train(data, Path(tmp) / f"cnn{i}", env, i))
             goal = min(cnn[-1][2], BAR_ACCURACY)
             wall, cpu, printed = timed([sys.executable, "-c", LOOP, str(arrays), str(goal), str(LOOP_CAP), str(i)], env)
-            loop.append((wall, cpu, json.loads(printed.strip().splitlines()[-1])))
+            loop.append((wall, cpu, json.loads(printed.stdout.strip().splitlines()[-1])))
             mlp.append(xdl_train(data, Path(tmp) / f"mlp{i}", env, i, "--model", "mlp"))
             seed.append(xdl_train(data, Path(tmp) / f"seed{i}", env, i, "--model", "mlp", "--hidden", str(SEED_HIDDEN),
                                   "--epochs", str(SEED_EPOCHS)))
             wall, cpu, printed = timed([sys.executable, "-c", KERAS, str(arrays), str(SEED_EPOCHS), str(SEED_HIDDEN),
                                         str(i)], env)
-            keras.append((wall, cpu, json.loads(printed.strip().splitlines()[-1])["test_accuracy"]))
+            keras.append((wall, cpu, json.loads(printed.stdout.strip().splitlines()[-1])["test_accuracy"]))
 
     reached = all(t[2]["reached"] for t in loop)
     rows = timing_rows(
