@@ -35,7 +35,6 @@ def write_real_mnist(out: Path, train: int = 4000, source: Path = DEFAULT) -> Pa
     return out
 
 
-
 def timed(command: list[str], env: dict | None = None, cwd: Path | None = None,
           check: bool = True) -> tuple[float, float, subprocess.CompletedProcess]:
     """Wall and CPU seconds (user + system, all threads) of one child process, and the finished
@@ -57,7 +56,7 @@ def command_line(main: Callable[..., list[dict]], doc: str) -> None:
     import json
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat instead of two")
+    parser.add_argument("--quick", action="store_true", help="a single repeat")
     parser.add_argument("--mnist-dir", default=str(DEFAULT), help="folder with the digits5k IDX files")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
