@@ -101,6 +101,35 @@ def test_torchrun_training_equals_single_process(tmp_path):
         assert mine["val_accuracy"] == theirs["val_accuracy"]
 
 
+# Each rank joins through xdl, trains a DDP step with torch.optim (whose first use imports
+# torch._dynamo) and leaves; it then writes the names of the threads still alive in it.
+LEAVES = """
+import os, sys, torch
+from xdl.training import distributed
+world = distributed.join("cpu")
+net = torch.nn.Linear(4, 2)
+opt = torch.optim.Adam(net.parameters())
+step = distributed.wrap(net, torch.device("cpu"), world)
+step(torch.ones(3, 4)).sum().backward()
+opt.step()
+del step
+distributed.leave(world)
+alive = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+open(f"threads{world.rank}.txt", "w").write(" ".join(sorted(alive)))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux's /proc")
+def test_leave_frees_the_gloo_group_and_its_threads(tmp_path):
+    """A group that outlives leave() keeps gloo worker threads into interpreter shutdown, where one
+    releasing a collective's tensors needs the GIL and aborts the rank now and then (SIGABRT)."""
+    (tmp_path / "leaves.py").write_text(LEAVES)
+    torchrun(str(tmp_path / "leaves.py"), cwd=tmp_path)
+    for rank in range(2):
+        alive = (tmp_path / f"threads{rank}.txt").read_text().split()
+        assert alive and not [name for name in alive if "gloo" in name], alive
+
+
 def test_torchrun_attack_shards_samples_and_merges(mlp_run, tmp_path):
     run = shutil.copytree(mlp_run.path, tmp_path / "run")
     sweep = ["-p", "eps=0,0.1,0.3"]

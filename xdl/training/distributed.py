@@ -70,6 +70,12 @@ def join(device: str | torch.device = "auto") -> World:
         raise XdlError("WORLD_SIZE > 1 asks for distributed training, but this torch build has no torch.distributed")
     local = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device)
+    # torch._dynamo keeps references to any process group that exists when it is first
+    # imported (torch.optim and DDP import it lazily), so destroy_process_group then cannot
+    # free the group and its gloo worker threads outlive the interpreter: one that releases
+    # a finished collective's tensors during shutdown needs the GIL and aborts the process
+    # ("terminate called without an active exception"). Imported first, it holds none.
+    import torch._dynamo  # noqa: F401
     if dev.type == "cuda":
         if local >= torch.cuda.device_count():
             raise XdlError(
