@@ -10,9 +10,15 @@ validation, 1,000 test; xdl's loader makes the split, the baselines read it from
   never does within ``LOOP_CAP`` epochs counts only the time it ran, which favours the loop).
   Bar: xdl ≥ 98% in ≤ 0.5× the loop's time.
 * **Defaults' accuracy** (issue 28): ``xdl train --data mnist`` (the CNN) ≥ 0.985 and ``--model mlp`` ≥ 0.97.
+  The issue sets these bars on 8,000 training digits and only 3,600 are here, so the MLP is also
+  trained on ``--limit`` 900 and 1,800 of them, and a power law ``error = a·n^-b`` fitted to the
+  three mean errors estimates its accuracy at 8,000 — an extrapolation, reported as one.
 * **The seed's recipe** (issue 28): Dense 128, 5 epochs — ``xdl train --model mlp --hidden 128
   --epochs 5`` against Keras 3 (torch backend) ``fit`` of the same network for 5 epochs with
-  its defaults. Bar: accuracy ≥ 0.95 in ≤ 0.25× Keras' time.
+  its defaults. Bar: accuracy ≥ 0.95 in ≤ 0.25× Keras' time. Beside it, the **floor** of any
+  PyTorch training process — ``import torch`` and one ``torch.optim.Adam`` step, whose first call
+  imports ``torch._dynamo`` — as a share of Keras' time: where it is above 0.25×, no program that
+  trains with ``torch.optim`` can meet the time half of that bar.
 
 Each side is a fresh Python process, timed from start to exit, interleaved over
 ``--repeats`` so load from other processes falls on both alike; CPU seconds (user + system,
@@ -41,6 +47,7 @@ from real_mnist import DEFAULT, command_line, timed, write_real_mnist  # noqa: E
 
 LOOP_CAP = 30  # epochs after which the loop gives up on reaching xdl's accuracy
 SEED_EPOCHS, SEED_HIDDEN = 5, 128
+CURVE, ISSUE_TRAIN = (900, 1800), 8000  # the MLP learning curve's extra sizes; the size the issue sets bars at
 
 # What a tutorial writes; it stops the first time its test accuracy reaches argv[2].
 BAR_ACCURACY = 0.98
@@ -88,6 +95,16 @@ model.fit(x, d["y_train"], epochs=int(sys.argv[2]), validation_data=(xv, d["y_va
 print(json.dumps({"test_accuracy": float(model.evaluate(xt, d["y_test"], verbose=0)[1])}))
 """
 
+# The least a process that trains with torch.optim costs: torch 2.13's Optimizer imports
+# torch._dynamo (about a second) the first time add_param_group runs.
+FLOOR = """
+import torch
+net = torch.nn.Linear(784, 128)
+opt = torch.optim.Adam(net.parameters())
+net(torch.zeros(1, 784)).sum().backward()
+opt.step()
+"""
+
 
 def export_split(data: Path, out: Path) -> Path:
     """xdl's own split of the digits as uint8 arrays, so the baselines train and test on exactly them."""
@@ -103,12 +120,26 @@ def export_split(data: Path, out: Path) -> Path:
     return out
 
 
-def xdl_train(data: Path, out: Path, env: dict, seed: int, *options: str) -> tuple[float, float, float, int]:
-    """Wall and CPU seconds of one ``xdl train`` process, its test accuracy and the epochs it ran."""
+def xdl_train(data: Path, out: Path, env: dict, seed: int, *options: str) -> tuple[float, float, float, int, int]:
+    """Wall and CPU seconds of one ``xdl train`` process, its test accuracy, the epochs it ran and
+    the training digits it had."""
     wall, cpu, _ = timed([sys.executable, "-m", "xdl", "train", "--data", "mnist", "--data-dir", str(data),
                           "--out", str(out), "--quiet", "--seed", str(seed), *options], env)
-    accuracy = json.loads((out / "run.json").read_text())["metrics"]["test_accuracy"]
-    return wall, cpu, accuracy, len((out / "history.csv").read_text().splitlines()) - 1
+    run = json.loads((out / "run.json").read_text())
+    return (wall, cpu, run["metrics"]["test_accuracy"], len((out / "history.csv").read_text().splitlines()) - 1,
+            run["dataset"]["sizes"]["train"])
+
+
+def learning_curve(sizes: list[list[tuple]]) -> dict:
+    """The MLP defaults' mean accuracy at each training size, and a power law's estimate at the issue's."""
+    n = np.array([runs[0][4] for runs in sizes], dtype=float)
+    error = np.array([1 - mean(r[2] for r in runs) for runs in sizes])
+    slope, intercept = np.polyfit(np.log(n), np.log(error), 1)
+    estimate = 1 - float(np.exp(intercept + slope * np.log(ISSUE_TRAIN)))
+    return {"workload": f"MLP defaults extrapolated to {ISSUE_TRAIN:,} training digits (estimate, not a measurement)",
+            "xdl": round(estimate, 4), "baseline": None, "ratio": None, "target": ">= 0.97", "met": estimate >= 0.97,
+            "note": f"mean test accuracy {dict(zip(n.astype(int).tolist(), (1 - error).round(4).tolist()))}; "
+                    f"error ~ n^{slope:.2f}"}
 
 
 def timing_rows(workload: str, mine: list[tuple], theirs: list[tuple], bound: float, accuracy_bar: str, accurate: bool,
@@ -126,7 +157,7 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
     repeats = repeats or (1 if quick else 3)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     load = os.getloadavg()[0]
-    cnn, loop, mlp, seed, keras = [], [], [], [], []
+    cnn, loop, mlp, seed, keras, floor, curve = [], [], [], [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_real_mnist(Path(tmp) / "mnist", train=4000, source=Path(mnist_dir))
         arrays = export_split(data, Path(tmp) / "split.npz")
@@ -136,11 +167,15 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
             wall, cpu, printed = timed([sys.executable, "-c", LOOP, str(arrays), str(goal), str(LOOP_CAP), str(i)], env)
             loop.append((wall, cpu, json.loads(printed.stdout.strip().splitlines()[-1])))
             mlp.append(xdl_train(data, Path(tmp) / f"mlp{i}", env, i, "--model", "mlp"))
+            for n in CURVE:
+                curve.setdefault(n, []).append(
+                    xdl_train(data, Path(tmp) / f"mlp{i}-{n}", env, i, "--model", "mlp", "--limit", str(n)))
             seed.append(xdl_train(data, Path(tmp) / f"seed{i}", env, i, "--model", "mlp", "--hidden", str(SEED_HIDDEN),
                                   "--epochs", str(SEED_EPOCHS)))
             wall, cpu, printed = timed([sys.executable, "-c", KERAS, str(arrays), str(SEED_EPOCHS), str(SEED_HIDDEN),
                                         str(i)], env)
             keras.append((wall, cpu, json.loads(printed.stdout.strip().splitlines()[-1])["test_accuracy"]))
+            floor.append(timed([sys.executable, "-c", FLOOR], env)[:2])
 
     reached = all(t[2]["reached"] for t in loop)
     rows = timing_rows(
@@ -156,10 +191,18 @@ def main(quick: bool = False, mnist_dir: Path = DEFAULT, repeats: int | None = N
                      "target": f">= {bar}", "met": mean(r[2] for r in runs) >= bar,
                      "note": f"per seed {[round(r[2], 4) for r in runs]}, epochs {[r[3] for r in runs]}, "
                              f"wall s {[round(r[0], 1) for r in runs]}"})
+    rows.append(learning_curve([*(curve[n] for n in CURVE), mlp]))
     rows += timing_rows(
         f"seed recipe Dense {SEED_HIDDEN}, {SEED_EPOCHS} epochs vs Keras 3 fit (torch backend)", seed, keras, 0.25,
         "mean test acc >= 0.95", mean(s[2] for s in seed) >= 0.95,
         f"test acc xdl {[round(s[2], 4) for s in seed]} vs Keras {[round(k[2], 4) for k in keras]}")
+    lowest, theirs = statistics.median(f[0] for f in floor), statistics.median(k[0] for k in keras)
+    rows.append({"workload": "floor of a torch.optim process (import torch, one Adam step) vs Keras 3 fit: wall s",
+                 "xdl": None, "floor": round(lowest, 2), "baseline": round(theirs, 2), "ratio": round(lowest / theirs, 3),
+                 "target": "<= 0.25x, or the seed recipe's time bar is out of reach for torch.optim",
+                 "met": lowest / theirs <= 0.25,
+                 "note": f"xdl's seed recipe {statistics.median(s[0] for s in seed):.2f} s is "
+                         f"{statistics.median(s[0] for s in seed) - lowest:.2f} s above this floor"})
     return rows
 
 
