@@ -86,6 +86,32 @@ def test_training_is_deterministic_on_cpu(tmp_path):
         assert torch.equal(wa, wb), name
 
 
+def test_amp_trains_in_bf16_where_the_device_has_it_and_evaluates_in_fp32(tmp_path, monkeypatch):
+    """Forced to bf16 here whatever this CPU runs natively: training steps autocast, evaluation and the saved
+    weights stay fp32, the compute card says which; --no-amp is fp32 throughout."""
+    from xdl.training import loop
+
+    monkeypatch.setattr(loop, "autocast_dtype", lambda device: torch.bfloat16)
+    seen = set()
+    forward = nn.Linear.forward
+
+    def recorded(self, x):
+        out = forward(self, x)
+        seen.add((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(nn.Linear, "forward", recorded)
+    options = dict(epochs=1, quiet=True, model_options={"hidden": [16]})
+    run = xdl.train("digits", "mlp", tmp_path / "amp", **options)
+    assert seen == {(True, torch.bfloat16), (False, torch.float32)}
+    assert run.info["compute"]["precision"] == "bfloat16 autocast"
+    assert {w.dtype for w in load_file(str(run.path / "model.safetensors")).values()} == {torch.float32}
+
+    seen.clear()
+    fp32 = xdl.train("digits", "mlp", tmp_path / "fp32", amp=False, **options)
+    assert seen == {(False, torch.float32)} and fp32.info["compute"]["precision"] == "fp32"
+
+
 def test_model_takes_natural_range_inputs(digits_run):
     from xdl.models.builders import Normalize
 

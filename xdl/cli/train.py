@@ -47,7 +47,7 @@ from xdl.cli.options import csv_ints, csv_strs, seed_type, trust_code_option
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="δ of the (ε, δ) guarantee; below 1/N")
 @click.option("--dp-max-grad-norm", type=float, default=1.0, show_default=True, help="per-record gradient clip for --dp-epsilon")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="mixed precision on CUDA")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="mixed precision: bf16 (or fp16) autocast on CUDA, bf16 on CPUs that run it natively (AVX512-BF16, AMX)")
 @click.option("--compile", is_flag=True, help="torch.compile the model for training (GPU; the first epoch is slower)")
 @click.option("--seed", type=seed_type, default=0, show_default=True)
 @click.option("--out", type=click.Path(), help="run directory (default: a new runs/run-NNN)")

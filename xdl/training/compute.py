@@ -124,7 +124,7 @@ def _nvidia_power_limit(device: torch.device) -> float | None:
 
 def compute_card(
     model: nn.Module, x: torch.Tensor, seconds: float, samples: int, device: torch.device, devices: int = 1,
-    attack_passes: int = 0,
+    attack_passes: int = 0, autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """The card saved in run.json under "compute".
 
@@ -132,7 +132,8 @@ def compute_card(
     epochs' own times, validation included, summed over resumed sessions); ``samples``:
     training samples processed by all ``devices`` together (torchrun ranks, one device each);
     ``attack_passes``: forward+backward passes adversarial training adds per sample, each
-    counted as one more training step (its backward runs through every layer too).
+    counted as one more training step (its backward runs through every layer too);
+    ``autocast``: the dtype training steps were autocast to (None: fp32).
     """
     forward, step = count_flops(model, x)
     memory, memory_source = peak_memory(device)
@@ -153,6 +154,7 @@ def compute_card(
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,
         "device": str(device),
+        "precision": "fp32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast",
         "devices": devices,
         "device_name": device_name(device),
         "assumed_watts": watts,
@@ -183,6 +185,7 @@ def format_card(card: dict[str, Any]) -> list[str]:
         + (f", {rate:,.0f} samples/s" if rate else ""),
         f"peak memory          {'n/a' if memory is None else f'{memory / 2**20:,.1f} MiB'} — {card['peak_memory_source']}",
         f"device               {card['device']} ({card['device_name']})"
-        + (f" × {card['devices']}" if card.get("devices", 1) > 1 else ""),
+        + (f" × {card['devices']}" if card.get("devices", 1) > 1 else "")
+        + (f", {card['precision']}" if "precision" in card else ""),
         f"energy (estimate)    {card['energy_wh']:.3g} Wh at {card['assumed_watts']:.0f} W — {card['power_assumption']}",
     ]

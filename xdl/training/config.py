@@ -60,7 +60,7 @@ class TrainConfig:
     adv_steps: int = 10  # PGD steps, each 2.5·eps/steps
     adv_step: float = 1.25  # FGSM step, as a multiple of adv-eps (Wong et al. 2020; ≥ 2 invites catastrophic overfitting)
     device: str = "auto"
-    amp: bool = True  # bf16/fp16 autocast, on CUDA only
+    amp: bool = True  # autocast where the device runs a lower precision natively (xdl.device.autocast_dtype)
     compile: bool = False  # torch.compile the training forward/backward; pays off on GPUs after a slow first epoch
     seed: int = 0
     # Differential privacy (xdl.training.dp, Opacus): off unless dp_epsilon is set.

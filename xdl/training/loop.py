@@ -20,7 +20,7 @@ from torch import nn
 
 from xdl.data import stream
 from xdl.data.types import DataSplits, Split
-from xdl.device import seed_everything
+from xdl.device import autocast_dtype, seed_everything
 from xdl.errors import XdlError
 from xdl.methods import robust
 from xdl.models.builders import build_model, set_normalization
@@ -100,10 +100,11 @@ class _Loop:
         adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device, fgsm_step=cfg.adv_step)
         # FGSM training can collapse to ~0% PGD accuracy within an epoch (Wong et al. 2020).
         guard = CatastrophicOverfitGuard(data, cfg.adv_eps, device, seed=cfg.seed) if cfg.adv_train == "fgsm" else None
-        use_amp = cfg.amp and device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        amp_dtype = training_autocast(cfg, device)
+        use_amp = amp_dtype is not None
+        amp_dtype = amp_dtype or torch.bfloat16  # a dtype every device accepts; autocast is off
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         # Training steps go through DDP (and the compiler); evaluation uses the plain model,
         # whose forward passes need no collective and may differ in number between ranks.
         step_model = distributed.wrap(model, device, world)
@@ -247,6 +248,12 @@ class _Loop:
 # -----------------------------------------------------------------------------------------
 # The loop
 # -----------------------------------------------------------------------------------------
+
+
+def training_autocast(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype ``fit`` autocasts training steps to, None for fp32: ``--amp`` where the device
+    runs a lower precision natively; DP-SGD's loop always trains in fp32."""
+    return autocast_dtype(device) if cfg.amp and cfg.dp_epsilon is None else None
 
 
 def fit(

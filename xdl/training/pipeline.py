@@ -27,7 +27,7 @@ from xdl.training import distributed
 from xdl.training.compute import compute_card, reset_peak_memory
 from xdl.training.config import DEFAULTS, TrainConfig, config_dict
 from xdl.training.dp import choose_model, describe_defaults
-from xdl.training.loop import fit
+from xdl.training.loop import fit, training_autocast
 from xdl.training.metrics import final_metrics
 from xdl.trust import require_trust
 
@@ -160,7 +160,7 @@ def _measure(net: nn.Module, splits: DataSplits, cfg: TrainConfig, history: list
     # Epoch times, not this call's wall time: a resumed run's history holds every session's epochs.
     epoch_seconds = sum(row["seconds"] for row in history)
     card = compute_card(net, splits.train.x[:2], epoch_seconds, len(history) * len(splits.train), device, world.size,
-                        robust.attack_passes(cfg.adv_train, cfg.adv_steps))
+                        robust.attack_passes(cfg.adv_train, cfg.adv_steps), training_autocast(cfg, device))
     metrics = final_metrics(net, splits, device)
     metrics["train_seconds"] = seconds
     metrics["epochs_run"] = len(history)
