@@ -100,9 +100,9 @@ class _Loop:
         adversary = robust.train_attack(cfg.adv_train, cfg.adv_eps, cfg.adv_steps, data, device, fgsm_step=cfg.adv_step)
         # FGSM training can collapse to ~0% PGD accuracy within an epoch (Wong et al. 2020).
         guard = CatastrophicOverfitGuard(data, cfg.adv_eps, device, seed=cfg.seed) if cfg.adv_train == "fgsm" else None
-        amp_dtype = training_autocast(cfg, device)
-        use_amp = amp_dtype is not None
-        amp_dtype = amp_dtype or torch.bfloat16  # a dtype every device accepts; autocast is off
+        autocast = training_autocast(cfg, device)
+        use_amp = autocast is not None
+        amp_dtype = autocast or torch.bfloat16  # without autocast any dtype every device accepts
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         # Training steps go through DDP (and the compiler); evaluation uses the plain model,
